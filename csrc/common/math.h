@@ -1,0 +1,88 @@
+// Numerical helpers shared by the CPU (csrc/core) and CUDA (csrc/cuda) paths.
+//
+// Everything here is header-only, free of torch headers and marked RSO_HD so that
+// nvcc compiles it for the device and the host compiler for the CPU. Both backends
+// call exactly these functions, so they evaluate the same formulas in the same
+// order per sample (they may still differ in the last bits of a *sum over samples*,
+// because the CPU and GPU reductions are different, each deterministic, trees).
+#pragma once
+
+#include <math.h>
+#include <stdint.h>
+
+#ifdef __CUDACC__
+#define RSO_HD __host__ __device__
+#else
+#define RSO_HD
+#endif
+
+namespace rso {
+namespace math {
+
+// Portable classification that works identically in host and device code and does
+// not depend on <cmath> overloads being device-callable (needs IEEE semantics, i.e.
+// no -ffast-math / --use_fast_math).
+RSO_HD inline bool is_nan(double x) { return x != x; }
+RSO_HD inline bool is_finite(double x) { return x - x == 0.0; }
+
+// Maximum over `n` values `row[0], row[stride], ...`, upcast to double.
+// NaN propagates: once a NaN is seen the result is NaN. Returns -inf for n == 0.
+template <typename T>
+RSO_HD inline double max_upcast(const T* row, int64_t n, int64_t stride = 1) {
+  double m = -INFINITY;
+  for (int64_t i = 0; i < n; ++i) {
+    const double x = static_cast<double>(row[i * stride]);
+    if (x > m || is_nan(x)) {
+      m = x;
+      if (is_nan(m)) {
+        return m;
+      }
+    }
+  }
+  return m;
+}
+
+// sum_i exp(row[i] - m) in double, for a finite shift `m` (normally the maximum, so
+// that no term overflows and the largest term contributes exactly 1). A -inf entry
+// contributes exp(-inf) = 0; a NaN entry makes the sum NaN.
+template <typename T>
+RSO_HD inline double sum_exp_shifted(const T* row, int64_t n, double m, int64_t stride = 1) {
+  double s = 0.0;
+  for (int64_t i = 0; i < n; ++i) {
+    s += ::exp(static_cast<double>(row[i * stride]) - m);
+  }
+  return s;
+}
+
+// Numerically stable log(sum_i exp(row[i])) in double (two passes: max, then the
+// shifted sum). Non-finite inputs are not hidden:
+//   any NaN              -> NaN
+//   some +inf (no NaN)   -> +inf
+//   all -inf             -> -inf
+//   some -inf otherwise  -> those terms contribute exp(-inf) = 0.
+template <typename T>
+RSO_HD inline double log_sum_exp(const T* row, int64_t n, int64_t stride = 1) {
+  const double m = max_upcast(row, n, stride);
+  if (!is_finite(m)) {
+    return m;
+  }
+  return m + ::log(sum_exp_shifted(row, n, m, stride));
+}
+
+// Softmax cross-entropy of one contiguous sample, log_sum_exp(row) - row[target], in
+// double, evaluated as (max - row[target]) + log(sum_exp_shifted) so that a small
+// loss next to large logits keeps its precision. `target` must already be validated
+// to lie in [0, n). Non-finite logits give NaN or +inf as the formula does (e.g. a
+// +inf target logit gives NaN, a -inf non-target logit is harmless).
+template <typename T>
+RSO_HD inline double sample_cross_entropy(const T* row, int64_t n, int64_t target) {
+  const double m = max_upcast(row, n);
+  const double x_target = static_cast<double>(row[target]);
+  if (!is_finite(m)) {
+    return m - x_target;
+  }
+  return (m - x_target) + ::log(sum_exp_shifted(row, n, m));
+}
+
+}  // namespace math
+}  // namespace rso

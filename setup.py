@@ -1,0 +1,83 @@
+"""Build of rso_ext and its compiled operators rso_ext._C.
+
+    pip install torch numpy pybind11 ninja
+    pip install --no-build-isolation -e .
+
+The C++ (CPU) operators are always built. The CUDA kernels (csrc/cuda/*.cu and
+csrc/core/*_cuda.cpp, compiled with -DWITH_CUDA) are added when the installed torch
+was built with CUDA (torch.version.cuda is set) and a CUDA toolkit is found
+(CUDA_HOME / nvcc). The environment variable RSO_EXT_CUDA overrides the detection:
+RSO_EXT_CUDA=0 never builds them, RSO_EXT_CUDA=1 requires them (and fails if torch
+has no CUDA or no toolkit is found). Set TORCH_CUDA_ARCH_LIST to choose the GPU
+architectures (torch's default otherwise: those of the visible GPUs, or all).
+"""
+
+import glob
+import os
+
+import torch
+from setuptools import find_packages, setup
+from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+# torch >= 2.10 headers need C++20 (older torch compiles with it too).
+CXX_STD = "-std=c++20"
+
+
+def _rel(paths):
+    return sorted(os.path.relpath(p, ROOT) for p in paths)
+
+
+def _want_cuda():
+    flag = os.environ.get("RSO_EXT_CUDA", "").strip()
+    if flag not in ("", "0", "1"):
+        raise RuntimeError(f"RSO_EXT_CUDA must be 0 or 1 (or unset), got {flag!r}")
+    available = torch.version.cuda is not None and CUDA_HOME is not None
+    if flag == "0":
+        return False
+    if flag == "1" and not available:
+        raise RuntimeError(
+            "RSO_EXT_CUDA=1 but the CUDA kernels cannot be built: "
+            f"torch.version.cuda={torch.version.cuda!r} (needs a CUDA build of torch), "
+            f"CUDA_HOME={CUDA_HOME!r} (needs a CUDA toolkit with nvcc)"
+        )
+    return available
+
+
+def _extension():
+    cpu_sources = ["csrc/ops.cpp"] + _rel(
+        p for p in glob.glob(os.path.join(ROOT, "csrc", "core", "*.cpp")) if not p.endswith("_cuda.cpp")
+    )
+    extra_compile_args = {"cxx": ["-O3", CXX_STD, "-fopenmp"]}
+    kwargs = dict(
+        name="rso_ext._C",
+        include_dirs=[os.path.join(ROOT, "csrc")],
+        extra_link_args=["-fopenmp"],
+    )
+    if _want_cuda():
+        cuda_sources = _rel(glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cu"))) + _rel(
+            glob.glob(os.path.join(ROOT, "csrc", "core", "*_cuda.cpp"))
+        )
+        extra_compile_args["nvcc"] = ["-O3", CXX_STD]
+        return CUDAExtension(
+            sources=cpu_sources + cuda_sources,
+            define_macros=[("WITH_CUDA", None)],
+            extra_compile_args=extra_compile_args,
+            **kwargs,
+        )
+    return CppExtension(sources=cpu_sources, extra_compile_args=extra_compile_args, **kwargs)
+
+
+setup(
+    name="rso_ext",
+    version="0.1.0",
+    description="Random-search optimisation of neural networks with fused C++/CUDA candidate evaluation",
+    packages=find_packages(include=["rso_ext", "rso_ext.*"]),
+    include_package_data=True,
+    package_data={"rso_ext": ["datasets/**/*"]},
+    ext_modules=[_extension()],
+    cmdclass={"build_ext": BuildExtension},
+    python_requires=">=3.9",
+    install_requires=["torch>=2.1", "numpy", "tqdm"],
+    zip_safe=False,
+)
