@@ -1,0 +1,257 @@
+"""Command line: ``python -m rso_ext train|eval|plot`` (see README.md)."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+from . import checkpoint, data, metrics, models
+from .rso import BACKENDS, RSO
+from .streams import SAMPLERS
+
+CONFIG = "config.json"
+METRICS = "metrics.jsonl"
+CKPT = "checkpoint.pt"
+RESULT = "result.json"
+
+# What `python -m rso_ext train` runs with no other argument: paper_mnist on the embedded MNIST
+# subset, sized to finish in a few minutes on a 2-core CPU (README.md gives the accuracy reached).
+DEFAULTS = dict(model="paper_mnist", data="mnist", data_root=None, download=False, cycles=1,
+                batch_size=64, train_size=None, val_size=1000, normalize="mean",
+                sampler="shuffle", alpha=0.1, weight_decay=1e-4, sigma="he", sample_scale=1.0,
+                calib_size=2000, device="cpu", backend="torch", seed=0, threads=None)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m rso_ext",
+                                description="Gradient-free training by random search (RSO).")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("train", help="train a model with RSO (or resume a run)")
+    t.add_argument("--model", choices=sorted(models.MODELS), default=DEFAULTS["model"])
+    t.add_argument("--data", choices=sorted(data.DATASETS), default=DEFAULTS["data"])
+    t.add_argument("--data-root", default=None,
+                   help="folder holding <Name>/raw/*.gz as torchvision lays it out "
+                        "(default: the MNIST subset shipped in the package)")
+    t.add_argument("--download", action="store_true",
+                   help="fetch the standard files into --data-root if they are missing")
+    t.add_argument("--cycles", type=_positive_int, default=DEFAULTS["cycles"])
+    t.add_argument("--batch-size", type=_positive_int, default=DEFAULTS["batch_size"])
+    t.add_argument("--train-size", type=_positive_int, default=None,
+                   help="use only the first N training images (after the validation split)")
+    t.add_argument("--val-size", type=_nonneg_int, default=DEFAULTS["val_size"],
+                   help="training images held out for validation")
+    t.add_argument("--normalize", choices=["mean", "meanstd"], default=DEFAULTS["normalize"])
+    t.add_argument("--sampler", choices=SAMPLERS, default=DEFAULTS["sampler"])
+    t.add_argument("--alpha", type=float, default=DEFAULTS["alpha"])
+    t.add_argument("--weight-decay", type=float, default=DEFAULTS["weight_decay"])
+    t.add_argument("--sigma", choices=["he", "empirical"], default=DEFAULTS["sigma"])
+    t.add_argument("--sample-scale", type=float, default=DEFAULTS["sample_scale"])
+    t.add_argument("--calib-size", type=_positive_int, default=DEFAULTS["calib_size"])
+    t.add_argument("--device", choices=["cpu", "cuda"], default=DEFAULTS["device"])
+    t.add_argument("--backend", choices=BACKENDS, default=DEFAULTS["backend"])
+    t.add_argument("--seed", type=int, default=DEFAULTS["seed"])
+    t.add_argument("--threads", type=_positive_int, default=None, help="torch CPU threads")
+    t.add_argument("--out", default=None, help="run folder (default: runs/<model>-<time>)")
+    t.add_argument("--resume", metavar="RUN_DIR", default=None,
+                   help="continue the run in RUN_DIR exactly where it stopped")
+    t.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+    e = sub.add_parser("eval", help="accuracy of a run's latest checkpoint")
+    e.add_argument("run_dir")
+    e.add_argument("--device", choices=["cpu", "cuda"], default=None)
+
+    pl = sub.add_parser("plot", help="accuracy and loss against cycles, to a PNG")
+    pl.add_argument("run_dir")
+    pl.add_argument("--output", default=None, help="PNG path (default: RUN_DIR/curves.png)")
+    return p
+
+
+def _positive_int(s: str) -> int:
+    v = int(s)
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {s}")
+    return v
+
+
+def _nonneg_int(s: str) -> int:
+    v = int(s)
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {s}")
+    return v
+
+
+# -- helpers ------------------------------------------------------------------------------------
+def _load_data(cfg: dict[str, Any]) -> data.Splits:
+    splits = data.load_splits(cfg["data"], root=cfg["data_root"], val_size=cfg["val_size"],
+                              normalize=cfg["normalize"], seed=cfg["seed"],
+                              download=cfg["download"])
+    if cfg["train_size"] is not None:
+        splits.train_x = splits.train_x[:cfg["train_size"]]
+        splits.train_y = splits.train_y[:cfg["train_size"]]
+    return splits
+
+
+def _build(cfg: dict[str, Any], device: str) -> RSO:
+    if device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("error: --device cuda was asked for but torch sees no CUDA GPU")
+    gen = torch.Generator().manual_seed(cfg["seed"])
+    model = models.get_model(cfg["model"], generator=gen).to(device)
+    return RSO(model, cycles=cfg["cycles"], batch_size=cfg["batch_size"], alpha=cfg["alpha"],
+               weight_decay=cfg["weight_decay"], sampler=cfg["sampler"], sigma=cfg["sigma"],
+               sample_scale=cfg["sample_scale"], calib_size=cfg["calib_size"], generator=gen,
+               backend=cfg["backend"])
+
+
+def _append_lines(path: Path, records: Sequence[dict]) -> None:
+    with open(path, "a") as f:
+        for r in records:
+            f.write(json.dumps(r) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _truncate_lines(path: Path, keep: int) -> None:
+    """Keep the first ``keep`` lines of ``path`` (drops what was logged after the checkpoint)."""
+    if not path.exists():
+        return
+    lines = path.read_text().splitlines(keepends=True)
+    if len(lines) != keep:
+        checkpoint.atomic_write_bytes(path, "".join(lines[:keep]).encode())
+
+
+def _count_lines(path: Path) -> int:
+    return len(path.read_text().splitlines()) if path.exists() else 0
+
+
+def _evaluate(rso: RSO, splits: data.Splits) -> dict[str, float]:
+    rso.calibrate(splits.train_x)
+    out = {}
+    if len(splits.val_x):
+        v = metrics.evaluate(rso.model, splits.val_x, splits.val_y)
+        out.update(val_acc=v["acc"], val_loss=v["loss"])
+    t = metrics.evaluate(rso.model, splits.test_x, splits.test_y)
+    out.update(test_acc=t["acc"], test_loss=t["loss"])
+    return out
+
+
+# -- commands -----------------------------------------------------------------------------------
+def train(args: argparse.Namespace) -> int:
+    if args.resume:
+        run_dir = Path(args.resume)
+        cfg_path = run_dir / CONFIG
+        if not cfg_path.exists():
+            raise SystemExit(f"error: --resume {run_dir}: no {CONFIG} there (not a run folder)")
+        cfg = json.loads(cfg_path.read_text())
+    else:
+        cfg = {k: getattr(args, k) for k in DEFAULTS}
+        run_dir = Path(args.out or f"runs/{cfg['model']}-{time.strftime('%Y%m%d-%H%M%S')}")
+        if (run_dir / CONFIG).exists():
+            raise SystemExit(f"error: {run_dir} already holds a run; use --resume {run_dir} "
+                             "to continue it or choose another --out")
+        run_dir.mkdir(parents=True, exist_ok=True)
+    if cfg["threads"]:
+        torch.set_num_threads(cfg["threads"])
+    splits = _load_data(cfg)
+    rso = _build(cfg, cfg["device"])
+    metrics_path, ckpt_path = run_dir / METRICS, run_dir / CKPT
+    elapsed = 0.0
+    if args.resume and ckpt_path.exists():
+        ck = checkpoint.load(ckpt_path)
+        rso.load_state_dict(ck["rso"])
+        _truncate_lines(metrics_path, ck["metrics_lines"])
+        elapsed = ck["elapsed"]
+        print(f"resuming {run_dir} at cycle {rso.cycle + 1}, unit {rso.unit + 1}", flush=True)
+    elif not args.resume:
+        checkpoint.atomic_write_bytes(run_dir / CONFIG, json.dumps(cfg, indent=2).encode())
+        metrics_path.unlink(missing_ok=True)
+    print(f"run folder: {run_dir}\ntraining {cfg['model']} on {len(splits.train_x)} "
+          f"{cfg['data']} images, B={cfg['batch_size']}, {cfg['cycles']} cycle(s), "
+          f"backend={cfg['backend']}, device={cfg['device']}", flush=True)
+
+    t_start = time.perf_counter() - elapsed
+    for stats in rso.run(splits.train_x, splits.train_y, progress=not args.no_progress):
+        records = [dict(type="sweep", **stats.as_dict())]
+        if stats.cycle_done:
+            ev = _evaluate(rso, splits)
+            rec = dict(type="cycle", cycle=stats.cycle + 1,
+                       seconds=time.perf_counter() - t_start, **ev)
+            records.append(rec)
+            print(f"cycle {rec['cycle']}/{cfg['cycles']}: "
+                  + " ".join(f"{k}={v:.4f}" for k, v in ev.items())
+                  + f" ({rec['seconds']:.1f} s)", flush=True)
+        _append_lines(metrics_path, records)
+        checkpoint.save({"rso": rso.state_dict(), "metrics_lines": _count_lines(metrics_path),
+                         "elapsed": time.perf_counter() - t_start}, ckpt_path)
+
+    result = dict(model=cfg["model"], data=cfg["data"], cycles=cfg["cycles"],
+                  batch_size=cfg["batch_size"], train_size=len(splits.train_x),
+                  seconds=time.perf_counter() - t_start, **_evaluate(rso, splits))
+    checkpoint.atomic_write_bytes(run_dir / RESULT, json.dumps(result, indent=2).encode())
+    print(f"final test accuracy {result['test_acc']:.4f} after {cfg['cycles']} cycle(s) "
+          f"in {result['seconds']:.1f} s; results in {run_dir / RESULT}", flush=True)
+    return 0
+
+
+def evaluate_run(args: argparse.Namespace) -> int:
+    run_dir = Path(args.run_dir)
+    if not (run_dir / CONFIG).exists():
+        raise SystemExit(f"error: {run_dir} is not a run folder (no {CONFIG})")
+    cfg = json.loads((run_dir / CONFIG).read_text())
+    device = args.device or cfg["device"]
+    splits = _load_data(cfg)
+    rso = _build(cfg, device)
+    ck = checkpoint.load(run_dir / CKPT, map_location=device)
+    rso.load_state_dict(ck["rso"])
+    out = dict(cycle=rso.cycle, unit=rso.unit, **_evaluate(rso, splits))
+    print(json.dumps(out, indent=2))
+    return 0
+
+
+def plot(args: argparse.Namespace) -> int:
+    run_dir = Path(args.run_dir)
+    path = run_dir / METRICS
+    if not path.exists():
+        raise SystemExit(f"error: {run_dir} has no {METRICS}")
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise SystemExit("error: plot needs matplotlib (pip install matplotlib)") from None
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    cyc = [r for r in rows if r["type"] == "cycle"]
+    if not cyc:
+        raise SystemExit(f"error: {path} holds no finished cycle yet")
+    x = [r["cycle"] for r in cyc]
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 4))
+    for key in ("test_acc", "val_acc"):
+        if key in cyc[0]:
+            a1.plot(x, [100 * r[key] for r in cyc], marker="o", label=key)
+    a1.set(xlabel="cycle", ylabel="accuracy (%)", title="accuracy")
+    a1.legend()
+    for key in ("test_loss", "val_loss"):
+        if key in cyc[0]:
+            a2.plot(x, [r[key] for r in cyc], marker="o", label=key)
+    a2.set(xlabel="cycle", ylabel="mean cross-entropy", title="loss")
+    a2.legend()
+    fig.tight_layout()
+    out = Path(args.output) if args.output else run_dir / "curves.png"
+    fig.savefig(out, dpi=100)
+    print(f"wrote {out}")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return {"train": train, "eval": evaluate_run, "plot": plot}[args.command](args)
+    except (ValueError, TypeError, FileNotFoundError, checkpoint.CheckpointError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2

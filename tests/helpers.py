@@ -1,0 +1,53 @@
+"""Small models and data shared by the tests."""
+from __future__ import annotations
+
+from collections import OrderedDict
+
+import torch
+from torch import nn
+
+from rso_ext.models import he_init_
+
+
+def tiny_net(seed: int = 0, bias: bool = False) -> nn.Sequential:
+    """conv(1->3) + BN + ReLU + avg-pool + conv(3->4) + BN + GAP + linear(4->3): every op kind of
+    the paper nets at toy size (8x8 inputs, 3 classes)."""
+    g = torch.Generator().manual_seed(seed)
+    net = nn.Sequential(OrderedDict([
+        ("conv1", nn.Conv2d(1, 3, 3, padding=1, bias=bias)), ("bn1", nn.BatchNorm2d(3)),
+        ("relu1", nn.ReLU()), ("pool1", nn.AvgPool2d(2)),
+        ("conv2", nn.Conv2d(3, 4, 3, padding=1, bias=bias)), ("bn2", nn.BatchNorm2d(4)),
+        ("gap", nn.AdaptiveAvgPool2d(1)), ("flatten", nn.Flatten()),
+        ("fc", nn.Linear(4, 3, bias=bias)),
+    ]))
+    return he_init_(net, g)
+
+
+class TinyDag(nn.Module):
+    """The same layers as :func:`tiny_net` written as a non-Sequential module with a residual add,
+    so the driver must take the full-forward path."""
+
+    def __init__(self, seed: int = 0) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, 3, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(3)
+        self.conv2 = nn.Conv2d(3, 3, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(3)
+        self.fc = nn.Linear(3, 3, bias=False)
+        he_init_(self, torch.Generator().manual_seed(seed))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.bn1(self.conv1(x))
+        h = self.bn2(self.conv2(torch.relu(h))) + h
+        return self.fc(h.mean((2, 3)))
+
+
+def toy_data(n: int = 120, seed: int = 1, classes: int = 3) -> tuple[torch.Tensor, torch.Tensor]:
+    """Images 1x8x8 whose class is which quadrant is brighter: learnable, not trivial."""
+    g = torch.Generator().manual_seed(seed)
+    y = torch.randint(0, classes, (n,), generator=g)
+    x = torch.randn(n, 1, 8, 8, generator=g) * 0.5
+    for c in range(classes):
+        r, col = divmod(c, 2)
+        x[y == c, :, r * 4:(r + 1) * 4, col * 4:(col + 1) * 4] += 1.0
+    return x, y
