@@ -6,7 +6,6 @@ on the weight's own minibatch; the lowest summed float64 cross-entropy wins and 
 """
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import asdict, dataclass
 from typing import Any, Dict, Iterator, Optional
@@ -17,15 +16,12 @@ from torch import nn
 from . import batchnorm, schedule
 from .data import check_data, from_dataset
 from .evaluate import make_evaluator
+from .sweep import NonFiniteLossError, Sweeper, TorchSweeper
 from .streams import SAMPLERS, SweepStreams
 from .visit import Unit, execution_order, visit_units
 
 BACKENDS = ("torch",)
 STATE_FORMAT = 1
-
-
-class NonFiniteLossError(RuntimeError):
-    """The loss of the current weights is NaN or infinite."""
 
 
 @dataclass
@@ -44,17 +40,6 @@ class SweepStats:
 
     def as_dict(self) -> Dict[str, Any]:
         return asdict(self)
-
-
-def choose(losses: torch.Tensor) -> int:
-    """Index of the lowest loss; ties keep the earliest candidate and non-finite candidates are
-    never chosen. Candidate 0 is the current state and must be finite."""
-    vals = losses.tolist()
-    best = 0
-    for j in range(1, len(vals)):
-        if math.isfinite(vals[j]) and vals[j] < vals[best]:
-            best = j
-    return best
 
 
 class RSO:
@@ -174,7 +159,7 @@ class RSO:
                         + self.unit, desc="layers", enabled=progress)
         try:
             while self.cycle < cycles:
-                stats = self._sweep(self.units[self.unit], x, y, progress)
+                stats = self._sweep(self.unit, x, y, progress)
                 self.unit += 1
                 if self.unit == len(self.units):
                     self.unit, self.cycle = 0, self.cycle + 1
@@ -184,50 +169,49 @@ class RSO:
         finally:
             bar.close()
 
+    def sweep_unit(self, index: int, x, y: Optional[torch.Tensor] = None, *,
+                   weights: Optional[int] = None, sweeper: Optional[Sweeper] = None,
+                   progress: bool = False) -> SweepStats:
+        """Sweep unit ``index`` once at the current cycle's sigma, drawing its streams from the
+        generator, without moving the position; for experiments and benchmarks.
+
+        ``weights`` visits only the first that many weights of the unit; ``sweeper`` replaces the
+        backend's weight loop (see :mod:`rso_ext.sweep`), built for ``self.units[index]``."""
+        x, y = self._data(x, y)
+        self._prepare(x)
+        if not 0 <= index < len(self.units):
+            raise IndexError(f"unit index {index} out of range (the model has "
+                             f"{len(self.units)} units)")
+        return self._sweep(index, x, y, progress, weights, sweeper)
+
     @torch.no_grad()
-    def _sweep(self, unit: Unit, x: torch.Tensor, y: torch.Tensor, progress: bool) -> SweepStats:
+    def _sweep(self, index: int, x: torch.Tensor, y: torch.Tensor, progress: bool,
+               weights: Optional[int] = None, sweeper: Optional[Sweeper] = None) -> SweepStats:
         h = self.hparams
         t0 = time.perf_counter()
-        param = unit.param
-        n = param.numel()
-        sigma = schedule.annealed(self.sigma0[self.unit], self.cycle, h["cycles"], h["alpha"])
-        streams = SweepStreams.draw(self.generator, n, sigma, len(x), h["batch_size"],
+        unit = self.units[index]
+        n = unit.param.numel() if weights is None else min(weights, unit.param.numel())
+        sigma = schedule.annealed(self.sigma0[index], self.cycle, h["cycles"], h["alpha"])
+        streams = SweepStreams.draw(self.generator, unit.param.numel(), sigma, len(x),
+                                    h["batch_size"],
                                     h["sampler"])
         if batchnorm.has_batchnorm(self.model):
             batchnorm.calibrate(self.model, x[self.calib_idx.to(x.device)])
-        evaluator = make_evaluator(self.model, unit)
-        flat = param.data.view(-1)
-        deltas = streams.deltas.to(flat.device, flat.dtype)
-        decay = 1.0 - h["weight_decay"]
-        accepted, loss_sum = 0, 0.0
+        sweeper = sweeper or self.sweeper(unit)
         with batchnorm.search_mode(self.model, self._order, unit.position):
-            evaluator.begin(unit, x)
+            sweeper.begin(x, y)
             bar = _progress(total=n, desc=unit.name, enabled=progress, leave=False)
             try:
-                for k in range(n):
-                    idx = streams.batch(k).to(x.device)
-                    w = flat[k] * decay
-                    d = deltas[k]
-                    values = torch.stack([w, w + d, w - d])
-                    losses = evaluator.losses(k, values, idx, y[idx])
-                    if not math.isfinite(float(losses[0])):
-                        flat[k] = values[0]
-                        raise NonFiniteLossError(
-                            f"the loss of the current weights is {float(losses[0])} at cycle "
-                            f"{self.cycle}, layer {unit.name!r}, weight {k} "
-                            f"(index {tuple(_unravel(k, param.shape))})")
-                    j = choose(losses)
-                    flat[k] = values[j]
-                    accepted += j != 0
-                    loss_sum += float(losses[j])
-                    if progress and (k % 64 == 63 or k == n - 1):
-                        bar.update(k + 1 - bar.n)
+                accepted, loss_sum = sweeper.run(0, n, streams, 1.0 - h["weight_decay"],
+                                                 tick=lambda k: bar.update(k - bar.n))
+            except NonFiniteLossError as e:
+                raise NonFiniteLossError(f"cycle {self.cycle}: {e}") from None
             finally:
                 bar.close()
-                evaluator.end()
-        return SweepStats(self.cycle, self.unit, unit.name, n, accepted,
+                sweeper.end()
+        return SweepStats(self.cycle, index, unit.name, n, accepted,
                           loss_sum / n / h["batch_size"], sigma, time.perf_counter() - t0,
-                          self.unit == len(self.units) - 1)
+                          index == len(self.units) - 1)
 
     # -- evaluation ---------------------------------------------------------------------------
     @torch.no_grad()
@@ -271,17 +255,13 @@ class RSO:
         self.sigma0 = state.get("sigma0")
         self.calib_idx = state.get("calib_idx")
 
+    def sweeper(self, unit: Unit) -> Sweeper:
+        """The weight loop of this object's backend for ``unit``."""
+        return TorchSweeper(unit, make_evaluator(self.model, unit))
+
     @property
     def done(self) -> bool:
         return self.cycle >= self.hparams["cycles"]
-
-
-def _unravel(k: int, shape: torch.Size) -> list[int]:
-    out = []
-    for s in reversed(shape):
-        out.append(k % s)
-        k //= s
-    return out[::-1]
 
 
 class _NoBar:

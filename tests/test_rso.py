@@ -12,7 +12,7 @@ from torch import nn
 from rso_ext import RSO, schedule
 from rso_ext.batchnorm import calibrate, search_mode
 from rso_ext.evaluate import CachedInput, FullForward
-from rso_ext.rso import NonFiniteLossError, choose
+from rso_ext.sweep import NonFiniteLossError, choose
 from rso_ext.streams import SweepStreams
 from rso_ext.visit import execution_order, visit_units
 
@@ -326,5 +326,19 @@ def test_non_finite_current_loss_names_layer_and_weight():
     with torch.no_grad():
         net.fc.weight[0, 0] = float("inf")
     x, y = toy_data(20)
-    with pytest.raises(NonFiniteLossError, match=r"layer 'fc.weight', weight 0 \(index \(0, 0\)\)"):
+    with pytest.raises(NonFiniteLossError, match=r"cycle 0: .* layer 'fc.weight', weight 0 \(index \(0, 0\)\)"):
         list(RSO(net, batch_size=5).run(x, y))
+
+
+def test_sweep_unit_visits_a_prefix_without_moving_the_position():
+    net = tiny_net()
+    x, y = toy_data(40)
+    rso = RSO(net, cycles=2, batch_size=10)
+    before = net.conv2.weight.detach().clone().view(-1)
+    stats = rso.sweep_unit(2, x, y, weights=5)
+    after = net.conv2.weight.detach().view(-1)
+    assert stats.layer == "conv2.weight" and stats.weights == 5
+    assert torch.equal(before[5:], after[5:]) and not torch.equal(before[:5], after[:5])
+    assert (rso.cycle, rso.unit) == (0, 0)
+    with pytest.raises(IndexError, match="unit index 99"):
+        rso.sweep_unit(99, x, y)

@@ -1,0 +1,98 @@
+"""One unit's weights, one after another: draw the candidates, evaluate, choose, write.
+
+``w' = w * (1 - weight_decay)``; candidates ``{w', w' + delta_k, w' - delta_k}`` (delta_k from the
+sweep's streams); the lowest summed float64 loss wins, ties keep ``w'`` and non-finite candidates
+are never chosen. A non-finite loss of ``w'`` itself stops the run (:class:`NonFiniteLossError`).
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable, Optional, Protocol
+
+import torch
+
+from .evaluate import FullForward
+from .streams import SweepStreams
+from .visit import Unit
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss of the current weights is NaN or infinite."""
+
+
+def choose(losses: torch.Tensor) -> int:
+    """Index of the lowest loss; ties keep the earliest candidate and non-finite candidates are
+    never chosen. Candidate 0 is the current state."""
+    vals = losses.tolist()
+    best = 0
+    for j in range(1, len(vals)):
+        if math.isfinite(vals[j]) and vals[j] < vals[best]:
+            best = j
+    return best
+
+
+def unravel(k: int, shape: torch.Size) -> tuple[int, ...]:
+    """Multi-index of flat index ``k`` in row-major ``shape``."""
+    out = []
+    for s in reversed(shape):
+        out.append(k % s)
+        k //= s
+    return tuple(out[::-1])
+
+
+def non_finite(unit: Unit, k: int, loss: float) -> NonFiniteLossError:
+    return NonFiniteLossError(f"the loss of the current weights is {loss} at layer "
+                              f"{unit.name!r}, weight {k} (index {unravel(k, unit.param.shape)})")
+
+
+class Sweeper(Protocol):
+    """The weight loop of one unit sweep, as every backend provides it."""
+
+    def begin(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        """Build the sweep's caches from the training pool ``(x, y)``."""
+
+    def run(self, k0: int, k1: int, streams: SweepStreams, decay: float,
+            tick: Optional[Callable[[int], None]] = None) -> tuple[int, float]:
+        """Visit weights ``k0 .. k1-1``; returns (accepted moves, sum of winning losses)."""
+
+    def end(self) -> None:
+        """Release the caches."""
+
+
+class TorchSweeper:
+    """The pure-PyTorch weight loop around a candidate evaluator (``backend="torch"``)."""
+
+    def __init__(self, unit: Unit, evaluator: FullForward) -> None:
+        self.unit, self.evaluator = unit, evaluator
+
+    def begin(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        self.x, self.y = x, y
+        self.evaluator.begin(self.unit, x)
+
+    @torch.no_grad()
+    def run(self, k0: int, k1: int, streams: SweepStreams, decay: float,
+            tick: Optional[Callable[[int], None]] = None) -> tuple[int, float]:
+        """Visit weights ``k0 .. k1-1``; returns (accepted moves, sum of winning losses)."""
+        flat = self.unit.param.data.view(-1)
+        deltas = streams.deltas.to(flat.device, flat.dtype)
+        accepted, loss_sum = 0, 0.0
+        for k in range(k0, k1):
+            idx = streams.batch(k).to(self.x.device)
+            w = flat[k] * decay
+            d = deltas[k]
+            values = torch.stack([w, w + d, w - d])
+            losses = self.evaluator.losses(k, values, idx, self.y[idx])
+            if not math.isfinite(float(losses[0])):
+                flat[k] = values[0]
+                raise non_finite(self.unit, k, float(losses[0]))
+            j = choose(losses)
+            flat[k] = values[j]
+            accepted += j != 0
+            loss_sum += float(losses[j])
+            if tick is not None and (k % 64 == 63 or k == k1 - 1):
+                tick(k + 1)
+        return accepted, loss_sum
+
+    def end(self) -> None:
+        self.evaluator.end()
+        self.x = self.y = None
