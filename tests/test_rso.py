@@ -335,7 +335,7 @@ def test_sweep_unit_visits_a_prefix_without_moving_the_position():
     x, y = toy_data(40)
     rso = RSO(net, cycles=2, batch_size=10)
     before = net.conv2.weight.detach().clone().view(-1)
-    stats = rso.sweep_unit(2, x, y, weights=5)
+    stats = rso.sweep_unit(1, x, y, weights=5)
     after = net.conv2.weight.detach().view(-1)
     assert stats.layer == "conv2.weight" and stats.weights == 5
     assert torch.equal(before[5:], after[5:]) and not torch.equal(before[:5], after[:5])
