@@ -39,7 +39,8 @@ class FullForward:
     def losses(self, k: int, values: torch.Tensor, idx: torch.Tensor,
                target: torch.Tensor) -> torch.Tensor:
         """float64 [K]: summed cross-entropy on minibatch ``idx`` with weight ``k`` of the unit set
-        to each of ``values``. The weight is left at the last value; the caller writes the winner."""
+        to each of ``values``. The weight is left at the last value: the caller writes the winner
+        with :meth:`set`."""
         flat = self.unit.param.data.view(-1)
         inp = self.inputs(idx)
         logits = []
@@ -47,6 +48,10 @@ class FullForward:
             flat[k] = v
             logits.append(self.forward(inp))
         return ops.candidate_cross_entropy(torch.stack(logits), target)
+
+    def set(self, k: int, value: torch.Tensor) -> None:
+        """Write ``value`` as weight ``k`` of the unit (and keep any cache in step)."""
+        self.unit.param.data.view(-1)[k] = value
 
     def end(self) -> None:
         self.x = None

@@ -83,10 +83,10 @@ class TorchSweeper:
             values = torch.stack([w, w + d, w - d])
             losses = self.evaluator.losses(k, values, idx, self.y[idx])
             if not math.isfinite(float(losses[0])):
-                flat[k] = values[0]
+                self.evaluator.set(k, values[0])
                 raise non_finite(self.unit, k, float(losses[0]))
             j = choose(losses)
-            flat[k] = values[j]
+            self.evaluator.set(k, values[j])
             accepted += j != 0
             loss_sum += float(losses[j])
             if tick is not None and (k % 64 == 63 or k == k1 - 1):
