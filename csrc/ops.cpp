@@ -10,6 +10,26 @@ TORCH_LIBRARY(rso_ext, m) {
   // out[k] = sum_b cross_entropy(logits[k, b, :], target[b]) in float64, for logits
   // [K, B, C] (float32/float64) and int64 target [B]; returns float64 [K].
   m.def("candidate_cross_entropy(Tensor logits, Tensor target) -> Tensor");
+
+  // The fused candidate evaluation of one unit sweep (csrc/core/fused.cpp, DESIGN.md §2).
+  // x / z: the swept layer's cached input and pre-activation over the pool; param: the
+  // swept tensor; target [N]; the program (op 0 = swept layer, then the rest of the net)
+  // as encoded in csrc/core/program.h; unit_kind 0 weight, 1 bias, 2 BN gamma, 3 BN beta
+  // of op unit_op.
+  //   K losses of weight k for candidate values [K] on minibatch batch [B]:
+  m.def("fused_candidate_losses(Tensor x, Tensor z, Tensor param, Tensor target, "
+        "int[] op_kinds, int[] op_params, float[] op_eps, Tensor?[] op_tensors, "
+        "int unit_kind, int unit_op, int k, Tensor values, Tensor batch) -> Tensor");
+  //   weights k0 .. k0+m-1 in order: evaluate values[i] on batches[i], choose (ties keep
+  //   candidate 0), write the weight and keep z exact. Returns (chosen [m] int64: -1 where
+  //   candidate 0's loss was not finite and the sweep stopped, -2 not visited; losses [m, K]).
+  m.def("fused_sweep(Tensor x, Tensor(a!) z, Tensor(b!) param, Tensor target, "
+        "int[] op_kinds, int[] op_params, float[] op_eps, Tensor?[] op_tensors, "
+        "int unit_kind, int unit_op, int k0, Tensor values, Tensor batches) -> (Tensor, Tensor)");
+  //   set entry k of param to value and keep z exact:
+  m.def("fused_set_weight(Tensor x, Tensor(a!) z, Tensor(b!) param, "
+        "int[] op_kinds, int[] op_params, float[] op_eps, Tensor?[] op_tensors, "
+        "int unit_kind, int unit_op, int k, float value) -> ()");
 }
 
 namespace {

@@ -6,6 +6,8 @@ on the weight's own minibatch; the lowest summed float64 cross-entropy wins and 
 """
 from __future__ import annotations
 
+import math
+import numbers
 import time
 from dataclasses import asdict, dataclass
 from typing import Any, Dict, Iterator, Optional
@@ -13,14 +15,16 @@ from typing import Any, Dict, Iterator, Optional
 import torch
 from torch import nn
 
-from . import batchnorm, schedule
+from . import batchnorm, memory, schedule
 from .data import check_data, from_dataset
 from .evaluate import make_evaluator
+from .fused import FusedSweeper
+from .plan import Plan, PlanError, lower
 from .sweep import NonFiniteLossError, Sweeper, TorchSweeper
 from .streams import SAMPLERS, SweepStreams
-from .visit import Unit, execution_order, visit_units
+from .visit import Unit, check_supported, execution_order, visit_units
 
-BACKENDS = ("torch",)
+BACKENDS = ("auto", "fused", "torch")
 STATE_FORMAT = 1
 
 
@@ -57,16 +61,42 @@ class RSO:
         bn_sigma: sigma of BatchNorm gamma and beta.
         calib_size: training images used to recompute BatchNorm statistics.
         generator: the source of all randomness (a CPU ``torch.Generator``); default seed 0.
-        backend: how candidates are evaluated; ``"torch"`` is the pure-PyTorch reference.
+        backend: how candidates are evaluated: ``"torch"`` is the pure-PyTorch reference (any
+            model), ``"fused"`` the compiled fused evaluation (models :mod:`rso_ext.plan` can
+            lower; others raise :class:`rso_ext.plan.PlanError` naming the module), ``"auto"``
+            fused whenever the model can be lowered, else torch.
+        pool_size: if smaller than the training set, each unit sweep draws this many training
+            samples (from the generator, before its streams) and searches on them only; it
+            bounds the memory of the caches.
+        memory_limit: bytes a unit sweep may use on the device; default: what the device has
+            available (:mod:`rso_ext.memory`). A sweep whose estimated caches exceed it stops
+            with :class:`rso_ext.memory.InsufficientMemoryError` before it starts.
     """
 
     def __init__(self, model: nn.Module, *, cycles: int = 50, batch_size: int = 5000,
                  alpha: float = 0.1, weight_decay: float = 1e-4, sampler: str = "shuffle",
                  sigma: str = "he", sample_scale: float = 1.0,
                  bn_sigma: float = schedule.BN_SIGMA, calib_size: int = 2000,
-                 generator: Optional[torch.Generator] = None, backend: str = "torch") -> None:
+                 generator: Optional[torch.Generator] = None, backend: str = "auto",
+                 pool_size: Optional[int] = None, memory_limit: Optional[int] = None) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+        if next(model.parameters(), None) is None:
+            raise TypeError(f"the model ({type(model).__name__}) has no parameters to train")
+        _check_types(cycles=(cycles, int), batch_size=(batch_size, int),
+                     calib_size=(calib_size, int), alpha=(alpha, float),
+                     weight_decay=(weight_decay, float), sample_scale=(sample_scale, float),
+                     bn_sigma=(bn_sigma, float), sampler=(sampler, str), sigma=(sigma, str),
+                     backend=(backend, str))
+        if pool_size is not None:
+            _check_types(pool_size=(pool_size, int))
+        if memory_limit is not None:
+            _check_types(memory_limit=(memory_limit, int))
+            if memory_limit < 0:
+                raise ValueError(f"memory_limit must be >= 0 bytes, got {memory_limit}")
+        for name, v in (("sample_scale", sample_scale), ("bn_sigma", bn_sigma)):
+            if not (math.isfinite(v) and v >= 0):
+                raise ValueError(f"{name} must be a finite number >= 0, got {v}")
         if cycles < 1:
             raise ValueError(f"cycles must be >= 1, got {cycles}")
         if batch_size < 1:
@@ -81,8 +111,12 @@ class RSO:
             raise ValueError(f"sigma must be one of {schedule.SIGMA_MODES}, got {sigma!r}")
         if calib_size < 1:
             raise ValueError(f"calib_size must be >= 1, got {calib_size}")
+        if pool_size is not None and pool_size < batch_size:
+            raise ValueError(f"pool_size={pool_size} must be at least batch_size={batch_size}")
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        if generator is not None and not isinstance(generator, torch.Generator):
+            raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
         if generator is not None and generator.device.type != "cpu":
             raise ValueError("generator must be a CPU torch.Generator (the streams are drawn on "
                              f"the CPU), got one on {generator.device}")
@@ -90,13 +124,16 @@ class RSO:
         self.hparams = dict(cycles=cycles, batch_size=batch_size, alpha=alpha,
                             weight_decay=weight_decay, sampler=sampler, sigma=sigma,
                             sample_scale=sample_scale, bn_sigma=bn_sigma, calib_size=calib_size,
-                            backend=backend)
+                            backend=backend, pool_size=pool_size)
         self.generator = generator if generator is not None else torch.Generator().manual_seed(0)
         self.cycle = 0
         self.unit = 0
         self.calib_idx: Optional[torch.Tensor] = None
         self.units: Optional[list[Unit]] = None
         self.sigma0: Optional[list[float]] = None
+        self.plan: Optional[Plan] = None
+        self.memory_limit = memory_limit
+        self._footprint: Optional[tuple[torch.Size, list]] = None
 
     # -- set-up -----------------------------------------------------------------------------
     def _prepare(self, x: torch.Tensor) -> None:
@@ -104,6 +141,12 @@ class RSO:
             sample = x[:2]
             self.units = visit_units(self.model, sample)
             self._order = [m for _, m in execution_order(self.model, sample)]
+            if self.hparams["backend"] != "torch":
+                try:
+                    self.plan = lower(self.model, sample)
+                except PlanError:
+                    if self.hparams["backend"] == "fused":
+                        raise
             if self.sigma0 is None:
                 h = self.hparams
                 self.sigma0 = [schedule.base_sigma(u.module, u.param_name, u.param, h["sigma"],
@@ -118,6 +161,8 @@ class RSO:
         return next(self.model.parameters()).device
 
     def _data(self, x, y) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.units is None:
+            check_supported(self.model)            # name an unsupported module before any forward
         if y is None:
             x, y = from_dataset(x)
         check_data(x, y, num_classes=self._num_classes(x[:2]), name="training data")
@@ -127,13 +172,16 @@ class RSO:
             raise ValueError(f"batch_size={self.hparams['batch_size']} is larger than the "
                              f"training set ({len(x)} samples)")
         dev = self.device
-        return x.to(dev, self.param_dtype), y.to(dev)
+        return x.to(dev, self.param_dtype), y.to(dev, torch.long)
 
     @torch.no_grad()
     def _num_classes(self, sample: torch.Tensor) -> int:
         was_training = self.model.training
         try:
             out = self.model.eval()(sample.to(self.device, self.param_dtype))
+        except (RuntimeError, ValueError, IndexError) as e:
+            raise ValueError(f"the model cannot run on training images of shape "
+                             f"{tuple(sample.shape[1:])} (dtype {sample.dtype}): {e}") from None
         finally:
             self.model.train(was_training)
         if out.dim() != 2:
@@ -192,12 +240,15 @@ class RSO:
         unit = self.units[index]
         n = unit.param.numel() if weights is None else min(weights, unit.param.numel())
         sigma = schedule.annealed(self.sigma0[index], self.cycle, h["cycles"], h["alpha"])
-        streams = SweepStreams.draw(self.generator, unit.param.numel(), sigma, len(x),
-                                    h["batch_size"],
-                                    h["sampler"])
         if batchnorm.has_batchnorm(self.model):
             batchnorm.calibrate(self.model, x[self.calib_idx.to(x.device)])
+        if h["pool_size"] is not None and h["pool_size"] < len(x):
+            pool = torch.randperm(len(x), generator=self.generator)[:h["pool_size"]].to(x.device)
+            x, y = x[pool], y[pool]
+        streams = SweepStreams.draw(self.generator, unit.param.numel(), sigma, len(x),
+                                    h["batch_size"], h["sampler"])
         sweeper = sweeper or self.sweeper(unit)
+        self._check_memory(unit, sweeper, x)
         with batchnorm.search_mode(self.model, self._order, unit.position):
             sweeper.begin(x, y)
             bar = _progress(total=n, desc=unit.name, enabled=progress, leave=False)
@@ -212,6 +263,38 @@ class RSO:
         return SweepStats(self.cycle, index, unit.name, n, accepted,
                           loss_sum / n / h["batch_size"], sigma, time.perf_counter() - t0,
                           index == len(self.units) - 1)
+
+    def _check_memory(self, unit: Unit, sweeper: Sweeper, x: torch.Tensor) -> None:
+        """Stop before a unit sweep whose caches would not fit in the device's memory."""
+        sample = x[:2]
+        if self._footprint is None or self._footprint[0] != sample.shape[1:]:
+            self._footprint = (sample.shape[1:], memory.trace_footprint(self.model, sample))
+        b = self.hparams["batch_size"]
+        est = memory.sweep_estimate(self.model, unit.module, sweeper, len(x), b,
+                                    trace=self._footprint[1])
+        if est is None:
+            return
+        total, detail = est
+        memory.check_fits(
+            total, x.device, f"the sweep of {unit.name!r} ({detail})",
+            f"lower the batch size (batch_size / --batch-size, now {b}) or the number of "
+            f"training samples per sweep (pool_size / --pool-size, or --train-size; now "
+            f"{len(x)})", limit=self.memory_limit)
+
+    def check(self, x, y: Optional[torch.Tensor] = None) -> None:
+        """Raise now what :meth:`run` would raise before its first sweep on training data
+        ``(x, y)`` (bad data, batch size, a model it cannot sweep, memory that would not fit),
+        changing neither the weights nor the generator."""
+        x, y = self._data(x, y)
+        state, calib = self.generator.get_state(), self.calib_idx
+        try:
+            self._prepare(x)
+            pool = x if self.hparams["pool_size"] is None else x[:self.hparams["pool_size"]]
+            for unit in self.units:
+                self._check_memory(unit, self.sweeper(unit), pool)
+        finally:
+            self.generator.set_state(state)
+            self.calib_idx = calib
 
     # -- evaluation ---------------------------------------------------------------------------
     @torch.no_grad()
@@ -255,13 +338,31 @@ class RSO:
         self.sigma0 = state.get("sigma0")
         self.calib_idx = state.get("calib_idx")
 
+    @property
+    def backend(self) -> str:
+        """The backend in use: ``"fused"`` or ``"torch"`` (``"auto"`` resolved on first data)."""
+        return "fused" if self.plan is not None else "torch"
+
     def sweeper(self, unit: Unit) -> Sweeper:
         """The weight loop of this object's backend for ``unit``."""
+        if self.plan is not None:
+            return FusedSweeper(self.plan, unit)
         return TorchSweeper(unit, make_evaluator(self.model, unit))
 
     @property
     def done(self) -> bool:
         return self.cycle >= self.hparams["cycles"]
+
+
+def _check_types(**args: tuple[Any, type]) -> None:
+    """TypeError naming the argument when a value is not of the expected kind (a bool is not a
+    number; an integer is a float)."""
+    kinds = {int: (numbers.Integral, "an integer"), float: (numbers.Real, "a number"),
+             str: (str, "a string")}
+    for name, (value, kind) in args.items():
+        cls, what = kinds[kind]
+        if not isinstance(value, cls) or isinstance(value, bool):
+            raise TypeError(f"{name} must be {what}, got {value!r} ({type(value).__name__})")
 
 
 class _NoBar:

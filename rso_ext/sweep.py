@@ -31,6 +31,13 @@ def choose(losses: torch.Tensor) -> int:
     return best
 
 
+def candidate_values(w: torch.Tensor, deltas: torch.Tensor, decay: float) -> torch.Tensor:
+    """[m, 3] candidates of weights ``w`` [m]: ``{w', w' + delta, w' - delta}``, ``w' = w * decay``
+    (computed here once for every backend, so all of them try bit-identical values)."""
+    wd = w * decay
+    return torch.stack([wd, wd + deltas, wd - deltas], dim=1)
+
+
 def unravel(k: int, shape: torch.Size) -> tuple[int, ...]:
     """Multi-index of flat index ``k`` in row-major ``shape``."""
     out = []
@@ -41,8 +48,11 @@ def unravel(k: int, shape: torch.Size) -> tuple[int, ...]:
 
 
 def non_finite(unit: Unit, k: int, loss: float) -> NonFiniteLossError:
+    """The error for a non-finite loss of the current weights at weight ``k`` of ``unit``, naming
+    the layer, the weight (flat and multi-index) and its neuron (output unit: the first index)."""
+    index = unravel(k, unit.param.shape)
     return NonFiniteLossError(f"the loss of the current weights is {loss} at layer "
-                              f"{unit.name!r}, weight {k} (index {unravel(k, unit.param.shape)})")
+                              f"{unit.name!r}, weight {k} (index {index}) of neuron {index[0]}")
 
 
 class Sweeper(Protocol):
@@ -74,13 +84,12 @@ class TorchSweeper:
             tick: Optional[Callable[[int], None]] = None) -> tuple[int, float]:
         """Visit weights ``k0 .. k1-1``; returns (accepted moves, sum of winning losses)."""
         flat = self.unit.param.data.view(-1)
-        deltas = streams.deltas.to(flat.device, flat.dtype)
+        deltas = streams.deltas[k0:k1].to(flat.device, flat.dtype)
+        all_values = candidate_values(flat[k0:k1], deltas, decay)
         accepted, loss_sum = 0, 0.0
         for k in range(k0, k1):
             idx = streams.batch(k).to(self.x.device)
-            w = flat[k] * decay
-            d = deltas[k]
-            values = torch.stack([w, w + d, w - d])
+            values = all_values[k - k0]
             losses = self.evaluator.losses(k, values, idx, self.y[idx])
             if not math.isfinite(float(losses[0])):
                 self.evaluator.set(k, values[0])

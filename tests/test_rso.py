@@ -124,7 +124,7 @@ def test_weights_are_visited_out_in_ky_kx(monkeypatch):
 
     monkeypatch.setattr(FullForward, "losses", spy)
     x, y = toy_data(40)
-    list(RSO(net, cycles=1, batch_size=10).run(x, y))
+    list(RSO(net, cycles=1, batch_size=10, backend="torch").run(x, y))
     conv2 = [k for n, k in seen if n == "conv2.weight"]
     assert conv2 == list(range(net.conv2.weight.numel()))   # row-major = out, in, ky, kx
     assert [n for n, _ in seen][:12] == ["fc.weight"] * 12
@@ -227,7 +227,8 @@ def _oracle(net: nn.Sequential, x, y, cycles, B, alpha, wd, seed):
     return P, decisions
 
 
-def test_driver_matches_independent_implementation():
+@pytest.mark.parametrize("backend", ["torch", "fused"])
+def test_driver_matches_independent_implementation(backend):
     torch.manual_seed(0)
     net = tiny_net(seed=7)
     x, y = toy_data(90, seed=2)
@@ -236,8 +237,9 @@ def test_driver_matches_independent_implementation():
     margins = sorted(m for _, m in decisions)
     assert sum(j != 0 for j, _ in decisions) > 10
     rso = RSO(net, cycles=2, batch_size=30, alpha=0.1, weight_decay=1e-3,
-              generator=torch.Generator().manual_seed(5))
+              generator=torch.Generator().manual_seed(5), backend=backend)
     list(rso.run(x, y))
+    assert rso.backend == backend
     for name, p in net.named_parameters():
         torch.testing.assert_close(p.data, P[name], rtol=1e-5, atol=1e-6, msg=name)
     assert margins[len(margins) // 10] > 1e-6

@@ -86,3 +86,40 @@ RSO_HD inline double sample_cross_entropy(const T* row, int64_t n, int64_t targe
 
 }  // namespace math
 }  // namespace rso
+
+namespace rso {
+namespace math {
+
+// Input coordinate read by output coordinate `out` of a convolution tap at kernel
+// offset `k` (stride `s`, zero padding `p`); outside [0, n) the input is zero padding.
+RSO_HD inline int64_t conv_input_coord(int64_t out, int64_t k, int64_t s, int64_t p) {
+  return out * s + k - p;
+}
+
+// log(exp(a) + exp(b)) in double, stable; NaN in either gives NaN.
+RSO_HD inline double log_add_exp(double a, double b) {
+  if (is_nan(a) || is_nan(b)) {
+    return a + b;
+  }
+  const double m = a > b ? a : b;
+  if (!is_finite(m)) {
+    return m;
+  }
+  const double d = a > b ? b - a : a - b;
+  return m + ::log1p(::exp(d));
+}
+
+// Index of the lowest of `n` losses: ties keep the earliest and a non-finite loss is
+// never chosen over candidate 0 (the RSO choice rule; candidate 0 is the current weight).
+RSO_HD inline int64_t choose_candidate(const double* loss, int64_t n) {
+  int64_t best = 0;
+  for (int64_t j = 1; j < n; ++j) {
+    if (is_finite(loss[j]) && loss[j] < loss[best]) {
+      best = j;
+    }
+  }
+  return best;
+}
+
+}  // namespace math
+}  // namespace rso

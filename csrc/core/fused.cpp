@@ -1,0 +1,456 @@
+// CPU kernels of the fused candidate evaluation (schemas in csrc/ops.cpp; DESIGN.md §2).
+//
+// For one weight of the swept layer d, every candidate value changes channel o of the
+// layer's pre-activation only: Z_d[I, o] + (v_k - w) * shift(X_d[I, c]). The channel-local
+// ops after layer d (BatchNorm with per-candidate batch statistics, ReLU, pooling, global
+// pooling, Flatten) run on channel o alone; the next conv/linear layer runs once densely on
+// the shared state plus one single-channel correction per candidate; only the ops after it
+// run densely on K*B samples. When layer d produces the logits, the losses reduce to O(B*C)
+// with the other classes' log-sum-exp shared by the candidates.
+//
+// The caches X_d (layer input) and Z_d (pre-activation) cover the sweep's pool; Z_d is kept
+// exact under every accepted move, the weight-decay step included.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <vector>
+
+#include "../common/math.h"
+#include "program.h"
+
+namespace rso {
+namespace {
+
+enum class UnitKind : int64_t { Weight = 0, Bias = 1, Gamma = 2, Beta = 3 };
+
+struct Sweep {
+  at::Tensor x, z, param, target;
+  Program prog;
+  UnitKind kind;
+  int64_t unit_op;
+  bool conv;                   // the swept layer is a Conv2d (else Linear)
+  int64_t cin, h, w;           // input channels (features for Linear) and spatial size
+  int64_t cout, ho, wo;        // output channels and spatial size
+  int64_t kh = 1, kw = 1, sh = 1, sw = 1, ph = 0, pw = 0;
+};
+
+// Where flat index k of the unit's parameter sits: output unit o, input channel c, tap.
+struct Site {
+  int64_t o, c = 0, ky = 0, kx = 0;
+};
+
+Site site_of(const Sweep& s, int64_t k) {
+  if (s.kind != UnitKind::Weight) {
+    return Site{k};
+  }
+  if (!s.conv) {
+    return Site{k / s.cin, k % s.cin};
+  }
+  const int64_t taps = s.kh * s.kw;
+  const int64_t r = k % (s.cin * taps);
+  return Site{k / (s.cin * taps), r / taps, (r % taps) / s.kw, r % s.kw};
+}
+
+const at::Tensor& unit_tensor(const Program& prog, UnitKind kind, int64_t unit_op) {
+  const Op& op = prog.ops[unit_op];
+  return op.t[(kind == UnitKind::Weight || kind == UnitKind::Gamma) ? 0 : 1];
+}
+
+Sweep make_sweep(const at::Tensor& x, const at::Tensor& z, const at::Tensor& param,
+                 const at::Tensor& target, at::IntArrayRef kinds, at::IntArrayRef params,
+                 at::ArrayRef<double> eps, const c10::List<std::optional<at::Tensor>>& tensors,
+                 int64_t unit_kind, int64_t unit_op) {
+  Sweep s;
+  s.prog = parse_program(kinds, params, eps, tensors);
+  TORCH_CHECK(unit_kind >= 0 && unit_kind <= 3,
+              "fused: unit_kind must be 0 (weight), 1 (bias), 2 (BatchNorm gamma) or 3 (beta), got ",
+              unit_kind);
+  s.kind = static_cast<UnitKind>(unit_kind);
+  const int64_t n_ops = static_cast<int64_t>(s.prog.ops.size());
+  const int64_t chain_end = s.prog.next < 0 ? n_ops : s.prog.next;
+  if (s.kind == UnitKind::Weight || s.kind == UnitKind::Bias) {
+    TORCH_CHECK(unit_op == 0, "fused: a weight or bias unit belongs to op 0, got unit_op=",
+                unit_op);
+  } else {
+    TORCH_CHECK(unit_op >= 1 && unit_op < chain_end &&
+                    s.prog.ops[unit_op].kind == OpKind::BatchNorm,
+                "fused: a BatchNorm unit must name a BatchNorm op between the swept layer and "
+                "the next conv/linear, got unit_op=", unit_op);
+  }
+  const at::Tensor& owner = unit_tensor(s.prog, s.kind, unit_op);
+  TORCH_CHECK(owner.defined(), "fused: the swept parameter is missing from the program (a "
+              "bias unit of a layer without bias?)");
+  TORCH_CHECK(param.defined() && param.is_same(owner) ||
+                  (param.data_ptr() == owner.data_ptr() && param.sizes() == owner.sizes()),
+              "fused: param must be the program's tensor for this unit (same storage), got shape ",
+              param.sizes(), " vs ", owner.sizes());
+  TORCH_CHECK(param.is_contiguous(), "fused: param must be contiguous");
+  TORCH_CHECK(x.scalar_type() == param.scalar_type() && z.scalar_type() == param.scalar_type() &&
+                  (param.scalar_type() == at::kFloat || param.scalar_type() == at::kDouble),
+              "fused: x, z and param must share one dtype, float32 or float64; got x ",
+              x.scalar_type(), ", z ", z.scalar_type(), ", param ", param.scalar_type());
+  TORCH_CHECK(x.device() == z.device() && x.device() == param.device(),
+              "fused: x, z and param must be on one device, got x on ", x.device(), ", z on ",
+              z.device(), ", param on ", param.device());
+  TORCH_CHECK(x.is_contiguous() && z.is_contiguous(), "fused: the caches x and z must be contiguous");
+  const Op& layer = s.prog.ops[0];
+  const at::Tensor& W = layer.t[0];
+  s.conv = layer.kind == OpKind::Conv;
+  s.cout = W.size(0);
+  if (s.conv) {
+    TORCH_CHECK(x.dim() == 4 && z.dim() == 4,
+                "fused: for a Conv2d layer x and z must be 4-D [N, C, H, W], got x ", x.sizes(),
+                " and z ", z.sizes());
+    s.cin = W.size(1);
+    s.kh = W.size(2);
+    s.kw = W.size(3);
+    s.sh = layer.p[0];
+    s.sw = layer.p[1];
+    s.ph = layer.p[2];
+    s.pw = layer.p[3];
+    s.h = x.size(2);
+    s.w = x.size(3);
+    s.ho = (s.h + 2 * s.ph - s.kh) / s.sh + 1;
+    s.wo = (s.w + 2 * s.pw - s.kw) / s.sw + 1;
+    TORCH_CHECK(x.size(1) == s.cin, "fused: x has ", x.size(1), " channels but the layer expects ",
+                s.cin);
+    TORCH_CHECK(z.size(0) == x.size(0) && z.size(1) == s.cout && z.size(2) == s.ho &&
+                    z.size(3) == s.wo,
+                "fused: z must be the layer's output [", x.size(0), ", ", s.cout, ", ", s.ho, ", ",
+                s.wo, "], got ", z.sizes());
+  } else {
+    TORCH_CHECK(x.dim() == 2 && z.dim() == 2,
+                "fused: for a Linear layer x and z must be 2-D [N, features], got x ", x.sizes(),
+                " and z ", z.sizes());
+    s.cin = W.size(1);
+    s.h = s.w = s.ho = s.wo = 1;
+    TORCH_CHECK(x.size(1) == s.cin && z.size(0) == x.size(0) && z.size(1) == s.cout,
+                "fused: x [N, ", s.cin, "] and z [N, ", s.cout, "] expected, got x ", x.sizes(),
+                " and z ", z.sizes());
+  }
+  if (target.defined()) {
+    TORCH_CHECK(target.scalar_type() == at::kLong && target.dim() == 1 &&
+                    target.size(0) == x.size(0) && target.device() == x.device(),
+                "fused: target must be an int64 vector of length N = ", x.size(0),
+                " on the caches' device, got ", target.scalar_type(), " ", target.sizes(), " on ",
+                target.device());
+  }
+  s.x = x;
+  s.z = z;
+  s.param = param;
+  s.target = target;
+  s.unit_op = unit_op;
+  return s;
+}
+
+void check_batch(const Sweep& s, const at::Tensor& idx, const char* what) {
+  TORCH_CHECK(idx.scalar_type() == at::kLong && idx.device() == s.x.device(), "fused: ", what,
+              " must be int64 indices on the caches' device, got ", idx.scalar_type(), " on ",
+              idx.device());
+  if (idx.numel() > 0) {
+    const int64_t lo = idx.min().item<int64_t>();
+    const int64_t hi = idx.max().item<int64_t>();
+    TORCH_CHECK(lo >= 0 && hi < s.x.size(0), "fused: ", what, " holds sample index ",
+                lo < 0 ? lo : hi, " outside the pool [0, ", s.x.size(0), ")");
+  }
+}
+
+// out[k, b, :] = channel o of Z[idx[b]] as it would be with the unit's entry set to vals[k].
+template <typename T>
+void channel_candidates(const Sweep& s, const Site& st, const T* vals, int64_t K, T w,
+                        const int64_t* idx, int64_t B, T* out) {
+  const T* z = s.z.const_data_ptr<T>();
+  const T* x = s.x.const_data_ptr<T>();
+  const int64_t hwo = s.ho * s.wo;
+  const bool moves_weight = s.kind == UnitKind::Weight;
+  const bool moves_bias = s.kind == UnitKind::Bias;
+  at::parallel_for(0, B, 16, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      const int64_t n = idx[b];
+      const T* zrow = z + (n * s.cout + st.o) * hwo;
+      for (int64_t k = 0; k < K; ++k) {
+        T* dst = out + (k * B + b) * hwo;
+        const T d = vals[k] - w;
+        if (moves_weight && s.conv) {
+          const T* xp = x + (n * s.cin + st.c) * s.h * s.w;
+          for (int64_t y = 0; y < s.ho; ++y) {
+            const int64_t iy = math::conv_input_coord(y, st.ky, s.sh, s.ph);
+            for (int64_t xx = 0; xx < s.wo; ++xx) {
+              const int64_t ix = math::conv_input_coord(xx, st.kx, s.sw, s.pw);
+              const bool inside = iy >= 0 && iy < s.h && ix >= 0 && ix < s.w;
+              dst[y * s.wo + xx] = zrow[y * s.wo + xx] + (inside ? d * xp[iy * s.w + ix] : T(0));
+            }
+          }
+        } else if (moves_weight) {
+          dst[0] = zrow[0] + d * x[n * s.cin + st.c];
+        } else {
+          const T add = moves_bias ? d : T(0);
+          for (int64_t j = 0; j < hwo; ++j) {
+            dst[j] = zrow[j] + add;
+          }
+        }
+      }
+    }
+  });
+}
+
+// Z[:, o] += d * (the input the moved entry multiplies), over the whole pool.
+template <typename T>
+void apply_move(const Sweep& s, const Site& st, T d) {
+  if (s.kind == UnitKind::Gamma || s.kind == UnitKind::Beta || d == T(0)) {
+    return;
+  }
+  T* z = s.z.mutable_data_ptr<T>();
+  const T* x = s.x.const_data_ptr<T>();
+  const int64_t hwo = s.ho * s.wo;
+  const int64_t N = s.x.size(0);
+  at::parallel_for(0, N, 64, [&](int64_t n0, int64_t n1) {
+    for (int64_t n = n0; n < n1; ++n) {
+      T* zrow = z + (n * s.cout + st.o) * hwo;
+      if (s.kind == UnitKind::Bias) {
+        for (int64_t j = 0; j < hwo; ++j) {
+          zrow[j] += d;
+        }
+      } else if (!s.conv) {
+        zrow[0] += d * x[n * s.cin + st.c];
+      } else {
+        const T* xp = x + (n * s.cin + st.c) * s.h * s.w;
+        for (int64_t y = 0; y < s.ho; ++y) {
+          const int64_t iy = math::conv_input_coord(y, st.ky, s.sh, s.ph);
+          if (iy < 0 || iy >= s.h) {
+            continue;
+          }
+          for (int64_t xx = 0; xx < s.wo; ++xx) {
+            const int64_t ix = math::conv_input_coord(xx, st.kx, s.sw, s.pw);
+            if (ix >= 0 && ix < s.w) {
+              zrow[y * s.wo + xx] += d * xp[iy * s.w + ix];
+            }
+          }
+        }
+      }
+    }
+  });
+}
+
+// The swept layer gives the logits: only logit o moves, so each sample's log-sum-exp
+// over the other classes is shared by the K candidates.
+template <typename T>
+at::Tensor logits_layer_losses(const Sweep& s, int64_t o, const T* cand, int64_t K,
+                               const int64_t* idx, int64_t B) {
+  const T* z = s.z.const_data_ptr<T>();
+  const int64_t* target = s.target.const_data_ptr<int64_t>();
+  const int64_t C = s.cout;
+  std::vector<double> per(static_cast<size_t>(K * B));
+  at::parallel_for(0, B, 64, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      const int64_t n = idx[b];
+      const T* row = z + n * C;
+      double m = -INFINITY;
+      for (int64_t c = 0; c < C; ++c) {
+        if (c != o && (static_cast<double>(row[c]) > m || math::is_nan(row[c]))) {
+          m = row[c];
+        }
+      }
+      double rest = m;  // log-sum-exp of the classes other than o
+      if (math::is_finite(m)) {
+        double sum = 0.0;
+        for (int64_t c = 0; c < C; ++c) {
+          if (c != o) {
+            sum += std::exp(static_cast<double>(row[c]) - m);
+          }
+        }
+        rest = m + std::log(sum);
+      }
+      const int64_t y = target[n];
+      for (int64_t k = 0; k < K; ++k) {
+        const double t = cand[k * B + b];
+        per[k * B + b] = math::log_add_exp(rest, t) - (y == o ? t : static_cast<double>(row[y]));
+      }
+    }
+  });
+  at::Tensor out = at::empty({K}, at::TensorOptions().dtype(at::kDouble));
+  double* res = out.mutable_data_ptr<double>();
+  for (int64_t k = 0; k < K; ++k) {
+    double sum = 0.0;
+    for (int64_t b = 0; b < B; ++b) {
+      sum += per[k * B + b];
+    }
+    res[k] = sum;
+  }
+  return out;
+}
+
+at::Tensor cross_entropy(const at::Tensor& logits, const at::Tensor& target) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("rso_ext::candidate_cross_entropy", "")
+                       .typed<at::Tensor(const at::Tensor&, const at::Tensor&)>();
+  return op.call(logits, target);
+}
+
+// The K summed float64 losses of weight k with candidate values `values` [K] on the
+// minibatch `idx` [B]. Reads the caches, changes nothing.
+template <typename T>
+at::Tensor evaluate(const Sweep& s, int64_t k, const at::Tensor& values, const at::Tensor& idx) {
+  const Site st = site_of(s, k);
+  const int64_t K = values.numel();
+  const int64_t B = idx.numel();
+  const int64_t hwo = s.ho * s.wo;
+  const T w = s.param.const_data_ptr<T>()[k];
+  const at::Tensor vals = values.contiguous();
+  at::Tensor zo = at::empty({K * B, 1, s.ho, s.wo}, s.z.options());
+  const bool channel_moves = s.kind == UnitKind::Weight || s.kind == UnitKind::Bias;
+  channel_candidates<T>(s, st, vals.const_data_ptr<T>(), channel_moves ? K : 1, w,
+                        idx.const_data_ptr<int64_t>(), B, zo.mutable_data_ptr<T>());
+  if (!channel_moves) {  // a BatchNorm parameter moves: the pre-activation is shared
+    zo.narrow(0, B, (K - 1) * B).copy_(zo.narrow(0, 0, B).repeat({K - 1, 1, 1, 1}));
+  }
+  const Program& prog = s.prog;
+  const int64_t n_ops = static_cast<int64_t>(prog.ops.size());
+  if (n_ops == 1) {
+    return logits_layer_losses<T>(s, st.o, zo.const_data_ptr<T>(), K,
+                                  idx.const_data_ptr<int64_t>(), B);
+  }
+  if (!s.conv) {
+    zo = zo.view({K * B, 1});
+  }
+  const at::Tensor target_b = s.target.index_select(0, idx);
+  const at::Tensor zb = s.z.index_select(0, idx);
+  const int64_t chain_end = prog.next < 0 ? n_ops : prog.next;
+  at::Tensor a_cur = zb;
+  at::Tensor a_o = zo;
+  at::Tensor cur_o = zb.narrow(1, st.o, 1);
+  for (int64_t i = 1; i < chain_end; ++i) {
+    const Op& op = prog.ops[i];
+    a_cur = apply_dense(op, a_cur, 1);
+    const bool swept = i == s.unit_op && !channel_moves;
+    a_o = apply_single(op, a_o, st.o, K, swept && s.kind == UnitKind::Gamma ? vals : at::Tensor(),
+                       swept && s.kind == UnitKind::Beta ? vals : at::Tensor());
+    cur_o = apply_single(op, cur_o, st.o, 1, at::Tensor(), at::Tensor());
+  }
+  const at::Tensor d_a = (a_o.reshape({K, B, -1}) - cur_o.reshape({1, B, -1}));  // [K, B, w]
+  at::Tensor logits;
+  if (prog.next < 0) {  // channel-local ops up to the logits
+    const int64_t width = d_a.size(2);
+    logits = a_cur.reshape({1, B, -1}).repeat({K, 1, 1});
+    logits.narrow(2, st.o * width, width).add_(d_a);
+  } else {
+    const Op& mix = prog.ops[prog.next];
+    const at::Tensor base = apply_dense(mix, a_cur, 1);                  // [B, Cn, ...]
+    const at::Tensor corr = mixing_single(mix, d_a.reshape(a_o.sizes()), st.o);  // [K*B, Cn, ...]
+    std::vector<int64_t> shape = {K, B};
+    for (int64_t j = 1; j < base.dim(); ++j) {
+      shape.push_back(base.size(j));
+    }
+    std::vector<int64_t> flat_shape = {K * B};
+    for (int64_t j = 1; j < base.dim(); ++j) {
+      flat_shape.push_back(base.size(j));
+    }
+    at::Tensor h = (corr.view(shape) + base.unsqueeze(0)).view(flat_shape);
+    for (int64_t i = prog.next + 1; i < n_ops; ++i) {
+      h = apply_dense(prog.ops[i], h, K);
+    }
+    logits = h.reshape({K, B, -1});
+  }
+  (void)hwo;
+  return cross_entropy(logits, target_b);
+}
+
+at::Tensor fused_candidate_losses_cpu(const at::Tensor& x, const at::Tensor& z,
+                                      const at::Tensor& param, const at::Tensor& target,
+                                      at::IntArrayRef kinds, at::IntArrayRef params,
+                                      at::ArrayRef<double> eps,
+                                      const c10::List<std::optional<at::Tensor>>& tensors,
+                                      int64_t unit_kind, int64_t unit_op, int64_t k,
+                                      const at::Tensor& values, const at::Tensor& batch) {
+  const Sweep s = make_sweep(x, z, param, target, kinds, params, eps, tensors, unit_kind, unit_op);
+  TORCH_CHECK(target.defined(), "fused_candidate_losses: target is required");
+  TORCH_CHECK(k >= 0 && k < param.numel(), "fused_candidate_losses: weight index k=", k,
+              " outside the parameter's ", param.numel(), " entries");
+  TORCH_CHECK(values.dim() == 1 && values.numel() >= 2 && values.scalar_type() == param.scalar_type(),
+              "fused_candidate_losses: values must be a 1-D tensor of K >= 2 candidates of the "
+              "parameter's dtype, got ", values.scalar_type(), " ", values.sizes());
+  TORCH_CHECK(batch.dim() == 1 && batch.numel() >= 1,
+              "fused_candidate_losses: batch must be a non-empty 1-D index tensor, got ", batch.sizes());
+  check_batch(s, batch, "batch");
+  at::Tensor out;
+  AT_DISPATCH_FLOATING_TYPES(param.scalar_type(), "fused_candidate_losses", [&] {
+    out = evaluate<scalar_t>(s, k, values.to(x.device()), batch.contiguous());
+  });
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor> fused_sweep_cpu(
+    const at::Tensor& x, at::Tensor& z, at::Tensor& param, const at::Tensor& target,
+    at::IntArrayRef kinds, at::IntArrayRef params, at::ArrayRef<double> eps,
+    const c10::List<std::optional<at::Tensor>>& tensors, int64_t unit_kind, int64_t unit_op,
+    int64_t k0, const at::Tensor& values, const at::Tensor& batches) {
+  const Sweep s = make_sweep(x, z, param, target, kinds, params, eps, tensors, unit_kind, unit_op);
+  TORCH_CHECK(target.defined(), "fused_sweep: target is required");
+  TORCH_CHECK(values.dim() == 2 && values.size(1) >= 2 && values.scalar_type() == param.scalar_type(),
+              "fused_sweep: values must be [m, K] (K >= 2 candidates per weight) of the "
+              "parameter's dtype, got ", values.scalar_type(), " ", values.sizes());
+  const int64_t m = values.size(0);
+  TORCH_CHECK(batches.dim() == 2 && batches.size(0) == m && batches.size(1) >= 1,
+              "fused_sweep: batches must be [m, B] with m = ", m, " rows, got ", batches.sizes());
+  TORCH_CHECK(k0 >= 0 && k0 + m <= param.numel(), "fused_sweep: weights ", k0, "..",
+              k0 + m - 1, " outside the parameter's ", param.numel(), " entries");
+  check_batch(s, batches, "batches");
+  const int64_t K = values.size(1);
+  at::Tensor chosen = at::full({m}, -2, at::TensorOptions().dtype(at::kLong));
+  at::Tensor losses = at::full({m, K}, NAN, at::TensorOptions().dtype(at::kDouble));
+  const at::Tensor vals = values.contiguous();
+  const at::Tensor idx = batches.contiguous();
+  int64_t* ch = chosen.mutable_data_ptr<int64_t>();
+  double* ls = losses.mutable_data_ptr<double>();
+  AT_DISPATCH_FLOATING_TYPES(param.scalar_type(), "fused_sweep", [&] {
+    scalar_t* p = param.mutable_data_ptr<scalar_t>();
+    for (int64_t i = 0; i < m; ++i) {
+      const int64_t k = k0 + i;
+      const at::Tensor row = vals[i];
+      const at::Tensor l = evaluate<scalar_t>(s, k, row, idx[i]);
+      const double* lp = l.const_data_ptr<double>();
+      std::copy(lp, lp + K, ls + i * K);
+      if (!math::is_finite(lp[0])) {
+        ch[i] = -1;  // reported by the caller; nothing is written
+        break;
+      }
+      const int64_t j = math::choose_candidate(lp, K);
+      const scalar_t v = row.const_data_ptr<scalar_t>()[j];
+      const scalar_t old = p[k];
+      p[k] = v;
+      apply_move<scalar_t>(s, site_of(s, k), static_cast<scalar_t>(v - old));
+      ch[i] = j;
+    }
+  });
+  return {chosen, losses};
+}
+
+void fused_set_weight_cpu(const at::Tensor& x, at::Tensor& z, at::Tensor& param,
+                          at::IntArrayRef kinds, at::IntArrayRef params, at::ArrayRef<double> eps,
+                          const c10::List<std::optional<at::Tensor>>& tensors, int64_t unit_kind,
+                          int64_t unit_op, int64_t k, double value) {
+  const Sweep s = make_sweep(x, z, param, at::Tensor(), kinds, params, eps, tensors, unit_kind,
+                             unit_op);
+  TORCH_CHECK(k >= 0 && k < param.numel(), "fused_set_weight: weight index k=", k,
+              " outside the parameter's ", param.numel(), " entries");
+  AT_DISPATCH_FLOATING_TYPES(param.scalar_type(), "fused_set_weight", [&] {
+    scalar_t* p = param.mutable_data_ptr<scalar_t>();
+    const scalar_t v = static_cast<scalar_t>(value);
+    const scalar_t old = p[k];
+    p[k] = v;
+    apply_move<scalar_t>(s, site_of(s, k), static_cast<scalar_t>(v - old));
+  });
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(rso_ext, CPU, m) {
+  m.impl("fused_candidate_losses", &fused_candidate_losses_cpu);
+  m.impl("fused_sweep", &fused_sweep_cpu);
+  m.impl("fused_set_weight", &fused_set_weight_cpu);
+}
+
+}  // namespace rso

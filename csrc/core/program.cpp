@@ -1,0 +1,147 @@
+// Parsing of the lowered program and the passes over it (see program.h).
+#include "program.h"
+
+#include <ATen/ATen.h>
+
+#include <string>
+
+namespace rso {
+
+namespace {
+
+const char* kind_name(OpKind k) {
+  switch (k) {
+    case OpKind::Conv: return "Conv2d";
+    case OpKind::Linear: return "Linear";
+    case OpKind::BatchNorm: return "BatchNorm";
+    case OpKind::ReLU: return "ReLU";
+    case OpKind::AvgPool: return "AvgPool2d";
+    case OpKind::MaxPool: return "MaxPool2d";
+    case OpKind::GlobalAvgPool: return "global average pool";
+    case OpKind::Flatten: return "Flatten";
+  }
+  return "?";
+}
+
+}  // namespace
+
+Program parse_program(at::IntArrayRef kinds, at::IntArrayRef params, at::ArrayRef<double> eps,
+                      const c10::List<std::optional<at::Tensor>>& tensors) {
+  const int64_t n = static_cast<int64_t>(kinds.size());
+  TORCH_CHECK(n >= 1, "fused program: needs at least the swept layer, got no ops");
+  TORCH_CHECK(static_cast<int64_t>(params.size()) == 4 * n,
+              "fused program: op_params must hold 4 integers per op (", 4 * n, "), got ",
+              params.size());
+  TORCH_CHECK(static_cast<int64_t>(eps.size()) == n,
+              "fused program: op_eps must hold one float per op (", n, "), got ", eps.size());
+  TORCH_CHECK(static_cast<int64_t>(tensors.size()) == 4 * n,
+              "fused program: op_tensors must hold 4 entries per op (", 4 * n, "), got ",
+              tensors.size());
+  Program prog;
+  for (int64_t i = 0; i < n; ++i) {
+    TORCH_CHECK(kinds[i] >= 0 && kinds[i] <= 7, "fused program: op ", i, " has unknown kind ",
+                kinds[i]);
+    Op op;
+    op.kind = static_cast<OpKind>(kinds[i]);
+    for (int j = 0; j < 4; ++j) {
+      op.p[j] = params[4 * i + j];
+      std::optional<at::Tensor> t = tensors.get(4 * i + j);
+      if (t.has_value()) {
+        op.t[j] = *t;
+      }
+    }
+    op.eps = eps[i];
+    if (op.mixing()) {
+      TORCH_CHECK(op.t[0].defined(), "fused program: op ", i, " (", kind_name(op.kind),
+                  ") has no weight");
+      TORCH_CHECK(op.t[0].dim() == (op.kind == OpKind::Conv ? 4 : 2), "fused program: op ", i,
+                  " (", kind_name(op.kind), ") weight has shape ", op.t[0].sizes());
+      if (op.kind == OpKind::Conv) {
+        TORCH_CHECK(op.p[0] >= 1 && op.p[1] >= 1 && op.p[2] >= 0 && op.p[3] >= 0,
+                    "fused program: op ", i, " (Conv2d) needs stride >= 1 and padding >= 0");
+      }
+      if (prog.next < 0 && i > 0) {
+        prog.next = i;
+      }
+    } else if (op.kind == OpKind::BatchNorm) {
+      TORCH_CHECK(op.t[0].defined() && op.t[1].defined(), "fused program: op ", i,
+                  " (BatchNorm) needs gamma and beta (affine=True)");
+      TORCH_CHECK(op.p[0] == 1 || (op.t[2].defined() && op.t[3].defined()),
+                  "fused program: op ", i,
+                  " (BatchNorm) uses running statistics but has none");
+    } else if (op.kind == OpKind::AvgPool || op.kind == OpKind::MaxPool) {
+      TORCH_CHECK(op.p[0] >= 1 && op.p[1] >= 1 && op.p[2] >= 0, "fused program: op ", i, " (",
+                  kind_name(op.kind), ") needs kernel >= 1, stride >= 1, padding >= 0");
+    }
+    TORCH_CHECK(i > 0 || op.mixing(), "fused program: op 0 must be the swept Conv2d or Linear, got ",
+                kind_name(op.kind));
+    prog.ops.push_back(std::move(op));
+  }
+  return prog;
+}
+
+at::Tensor apply_dense(const Op& op, const at::Tensor& x, int64_t groups) {
+  switch (op.kind) {
+    case OpKind::Conv:
+      return at::conv2d(x, op.t[0], op.t[1], {op.p[0], op.p[1]}, {op.p[2], op.p[3]});
+    case OpKind::Linear:
+      return at::linear(x, op.t[0], op.t[1]);
+    case OpKind::BatchNorm: {
+      if (op.p[0] == 0) {
+        return at::batch_norm(x, op.t[0], op.t[1], op.t[2], op.t[3], false, 0.0, op.eps, false);
+      }
+      if (groups == 1) {
+        return at::batch_norm(x, op.t[0], op.t[1], {}, {}, true, 0.0, op.eps, false);
+      }
+      const int64_t b = x.size(0) / groups;
+      at::Tensor out = at::empty_like(x);
+      for (int64_t g = 0; g < groups; ++g) {
+        out.narrow(0, g * b, b).copy_(at::batch_norm(x.narrow(0, g * b, b), op.t[0], op.t[1], {},
+                                                     {}, true, 0.0, op.eps, false));
+      }
+      return out;
+    }
+    case OpKind::ReLU:
+      return at::relu(x);
+    case OpKind::AvgPool:
+      return at::avg_pool2d(x, {op.p[0], op.p[0]}, {op.p[1], op.p[1]}, {op.p[2], op.p[2]});
+    case OpKind::MaxPool:
+      return at::max_pool2d(x, {op.p[0], op.p[0]}, {op.p[1], op.p[1]}, {op.p[2], op.p[2]});
+    case OpKind::GlobalAvgPool:
+      return x.mean({2, 3}, /*keepdim=*/true);
+    case OpKind::Flatten:
+      return x.reshape({x.size(0), -1});
+  }
+  TORCH_CHECK(false, "fused program: unknown op");
+}
+
+at::Tensor apply_single(const Op& op, const at::Tensor& x, int64_t o, int64_t groups,
+                        const at::Tensor& gamma, const at::Tensor& beta) {
+  if (op.kind != OpKind::BatchNorm) {
+    TORCH_CHECK(!op.mixing(), "fused program: a channel-local pass met ", kind_name(op.kind));
+    return apply_dense(op, x, groups);
+  }
+  // [G, B*rest]: per-group statistics of channel o (biased variance, as BatchNorm trains).
+  const at::Tensor flat = x.reshape({groups, -1});
+  const at::Tensor g = gamma.defined() ? gamma.reshape({groups, 1}) : op.t[0].narrow(0, o, 1).reshape({1, 1});
+  const at::Tensor b = beta.defined() ? beta.reshape({groups, 1}) : op.t[1].narrow(0, o, 1).reshape({1, 1});
+  at::Tensor mean, var;
+  if (op.p[0] == 1) {
+    std::tie(var, mean) = at::var_mean(flat, {1}, /*correction=*/0, /*keepdim=*/true);
+  } else {
+    mean = op.t[2].narrow(0, o, 1).reshape({1, 1});
+    var = op.t[3].narrow(0, o, 1).reshape({1, 1});
+  }
+  const at::Tensor y = (flat - mean) * at::rsqrt(var + op.eps) * g + b;
+  return y.reshape(x.sizes());
+}
+
+at::Tensor mixing_single(const Op& op, const at::Tensor& dx, int64_t o) {
+  if (op.kind == OpKind::Conv) {
+    return at::conv2d(dx, op.t[0].narrow(1, o, 1), {}, {op.p[0], op.p[1]}, {op.p[2], op.p[3]});
+  }
+  const int64_t w = dx.size(1);  // features of channel o after Flatten (1 for a linear input)
+  return at::linear(dx, op.t[0].narrow(1, o * w, w));
+}
+
+}  // namespace rso

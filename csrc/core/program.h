@@ -1,0 +1,61 @@
+// A lowered network suffix: the swept layer (op 0) and every op after it, as the
+// Python planner (rso_ext/plan.py) encodes it, and the dense/single-channel passes the
+// fused candidate evaluation runs over it.
+//
+// Encoding (one entry per op, 4 integer params and 4 optional tensors per op):
+//   kind 0 Conv2d      p = {stride_h, stride_w, pad_h, pad_w}   t = {weight, bias?}
+//   kind 1 Linear      p = {}                                   t = {weight, bias?}
+//   kind 2 BatchNorm   p = {batch_stats (1) or running (0)}     t = {gamma, beta, mean?, var?}, eps
+//   kind 3 ReLU
+//   kind 4 AvgPool2d   p = {kernel, stride, padding}   (count_include_pad, floor mode)
+//   kind 5 MaxPool2d   p = {kernel, stride, padding}
+//   kind 6 global average pool to [N, C, 1, 1]
+//   kind 7 Flatten     to [N, -1]
+#pragma once
+
+#include <ATen/ATen.h>
+#include <ATen/core/List.h>
+
+#include <optional>
+#include <vector>
+
+namespace rso {
+
+enum class OpKind : int64_t {
+  Conv = 0, Linear = 1, BatchNorm = 2, ReLU = 3, AvgPool = 4, MaxPool = 5, GlobalAvgPool = 6,
+  Flatten = 7
+};
+
+struct Op {
+  OpKind kind;
+  int64_t p[4] = {0, 0, 0, 0};
+  double eps = 0.0;
+  at::Tensor t[4];
+  bool mixing() const { return kind == OpKind::Conv || kind == OpKind::Linear; }
+};
+
+struct Program {
+  std::vector<Op> ops;  // ops[0]: the swept conv/linear layer
+  int64_t next = -1;    // index of the first conv/linear after ops[0], -1 if none
+};
+
+// Parses and checks the encoding above (TORCH_CHECK errors name the op and the problem).
+Program parse_program(at::IntArrayRef kinds, at::IntArrayRef params, at::ArrayRef<double> eps,
+                      const c10::List<std::optional<at::Tensor>>& tensors);
+
+// One op over a batch made of `groups` equal groups of samples; BatchNorm with batch
+// statistics normalises each group with its own statistics (one group per candidate).
+at::Tensor apply_dense(const Op& op, const at::Tensor& x, int64_t groups);
+
+// The same op on channel `o` alone: `x` is [G*B, 1, ...] (or [G*B, w] after Flatten), G
+// groups. A BatchNorm takes channel o's parameters, or per-group `gamma`/`beta` [G] when
+// given (the candidates of a swept BatchNorm parameter).
+at::Tensor apply_single(const Op& op, const at::Tensor& x, int64_t o, int64_t groups,
+                        const at::Tensor& gamma, const at::Tensor& beta);
+
+// Contribution of channel `o`'s change `dx` to the output of mixing op `op` (a
+// single-input-channel convolution, or a rank-w update for a linear layer whose input
+// block of channel o is w features wide).
+at::Tensor mixing_single(const Op& op, const at::Tensor& dx, int64_t o);
+
+}  // namespace rso

@@ -1,0 +1,114 @@
+"""``backend="fused"``: a unit sweep run by the compiled fused evaluation (DESIGN.md §2).
+
+Per unit sweep, the input ``X_d`` and the pre-activation ``Z_d`` of the swept layer are cached
+for the whole pool; the compiled ``fused_sweep`` op then visits the weights neuron by neuron with
+no Python per weight: evaluate the K candidates in one fused pass, choose, write the weight and
+keep ``Z_d`` exact. The candidate values and minibatches are the driver's (rso_ext.streams), so
+the decisions are those of ``backend="torch"`` wherever the loss margins exceed float noise.
+"""
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+
+from .plan import Plan
+from .streams import SweepStreams
+from .sweep import candidate_values, non_finite
+from .visit import Unit
+
+_OPS = None
+
+
+def _ops():
+    global _OPS
+    if _OPS is None:
+        from . import ops  # noqa: F401  (loads rso_ext._C, which registers the ops)
+        _OPS = torch.ops.rso_ext
+    return _OPS
+
+
+class FusedSweeper:
+    """The fused weight loop of one unit (the :class:`rso_ext.sweep.Sweeper` protocol), also
+    usable as a per-weight candidate evaluator (``losses``/``set``) by other methods."""
+
+    #: weights handed to one call of the compiled sweep (bounds the minibatch index matrix)
+    max_chunk = 4096
+
+    def __init__(self, plan: Plan, unit: Unit, chunk: int = 1000) -> None:
+        self.plan, self.unit, self.chunk = plan, unit, chunk
+        self.x = self.z = self.y = None
+
+    # -- caches -------------------------------------------------------------------------------
+    @torch.no_grad()
+    def begin(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        """Cache the swept layer's input and pre-activation for the pool ``x`` (call inside
+        :func:`rso_ext.batchnorm.search_mode`, so the layers before it are fixed)."""
+        self.prog = self.plan.program(self.unit)
+        children = [s.module for s in self.plan.steps]
+        start = self.prog.pop("start")
+        prefix, layer = children[:start], children[start]
+        xs, zs = [], []
+        for s in range(0, len(x), self.chunk):
+            h = x[s:s + self.chunk]
+            for m in prefix:
+                h = m(h)
+            xs.append(h)
+            zs.append(layer(h))
+        self.x = torch.cat(xs).contiguous()
+        self.z = torch.cat(zs).contiguous()
+        self.y = y
+
+    def end(self) -> None:
+        self.x = self.z = self.y = None
+
+    def cache_bytes(self) -> int:
+        """Bytes held by the caches of this sweep."""
+        return sum(t.numel() * t.element_size() for t in (self.x, self.z) if t is not None)
+
+    # -- the sweep ----------------------------------------------------------------------------
+    @torch.no_grad()
+    def run(self, k0: int, k1: int, streams: SweepStreams, decay: float,
+            tick: Optional[Callable[[int], None]] = None) -> tuple[int, float]:
+        """Visit weights ``k0 .. k1-1``; returns (accepted moves, sum of winning losses)."""
+        param = self.unit.param.data
+        fan_in = max(1, param.numel() // param.shape[0])
+        step = max(1, min(self.max_chunk, fan_in * max(1, 512 // fan_in)))
+        accepted, loss_sum = 0, 0.0
+        dev = self.x.device
+        for a in range(k0, k1, step):
+            b = min(k1, a + step)
+            values = candidate_values(param.view(-1)[a:b], streams.deltas[a:b].to(dev), decay)
+            chosen, losses = _ops().fused_sweep(
+                self.x, self.z, param, self.y, self.prog["op_kinds"], self.prog["op_params"],
+                self.prog["op_eps"], self.prog["op_tensors"], self.prog["unit_kind"],
+                self.prog["unit_op"], a, values, streams.batches(a, b).to(dev))
+            bad = (chosen == -1).nonzero()
+            if len(bad):
+                i = int(bad[0])
+                param.view(-1)[a + i] = values[i, 0]
+                raise non_finite(self.unit, a + i, float(losses[i, 0]))
+            accepted += int((chosen != 0).sum())
+            loss_sum += float(losses.gather(1, chosen.view(-1, 1)).sum())
+            if tick is not None:
+                tick(b)
+        return accepted, loss_sum
+
+    # -- per-weight evaluator interface -----------------------------------------------------
+    @torch.no_grad()
+    def losses(self, k: int, values: torch.Tensor, idx: torch.Tensor,
+               target: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """float64 [K]: summed losses of weight ``k`` set to each of ``values`` on minibatch
+        ``idx`` of the pool (targets are the pool's). Changes nothing."""
+        return _ops().fused_candidate_losses(
+            self.x, self.z, self.unit.param.data, self.y, self.prog["op_kinds"],
+            self.prog["op_params"], self.prog["op_eps"], self.prog["op_tensors"],
+            self.prog["unit_kind"], self.prog["unit_op"], k, values, idx)
+
+    @torch.no_grad()
+    def set(self, k: int, value: torch.Tensor) -> None:
+        """Write ``value`` as weight ``k`` and keep ``Z_d`` exact."""
+        _ops().fused_set_weight(
+            self.x, self.z, self.unit.param.data, self.prog["op_kinds"], self.prog["op_params"],
+            self.prog["op_eps"], self.prog["op_tensors"], self.prog["unit_kind"],
+            self.prog["unit_op"], k, float(value))

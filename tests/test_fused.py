@@ -1,0 +1,287 @@
+"""The fused candidate evaluation (backend="fused") against the pure-PyTorch reference."""
+from __future__ import annotations
+
+from collections import OrderedDict
+
+import pytest
+import torch
+from torch import nn
+
+from rso_ext import RSO, models
+from rso_ext.batchnorm import calibrate, search_mode
+from rso_ext.evaluate import FullForward
+from rso_ext.fused import FusedSweeper
+from rso_ext.plan import PlanError, lower
+from rso_ext.streams import SweepStreams
+from rso_ext.sweep import NonFiniteLossError
+from rso_ext.visit import execution_order, visit_units
+
+from helpers import TinyDag, tiny_net, toy_data
+
+RTOL = 2e-6   # summed float64 losses of float32 nets: fused vs reference, relative
+
+
+def _compare_unit(net, x, y, unit, order, plan, ks, B=24, scale=0.3):
+    """Fused and full-forward losses of weights ``ks`` of ``unit`` on one minibatch."""
+    idx = torch.randperm(len(x), generator=torch.Generator().manual_seed(len(ks)))[:B]
+    with search_mode(net, order, unit.position):
+        ref, fused = FullForward(net), FusedSweeper(plan, unit)
+        ref.begin(unit, x)
+        fused.begin(x, y)
+        for k in ks:
+            w = unit.param.data.view(-1)[k].clone()
+            vals = w + torch.tensor([0.0, scale, -scale, 2 * scale])
+            a = ref.losses(k, vals, idx, y[idx])
+            unit.param.data.view(-1)[k] = w
+            b = fused.losses(k, vals, idx)
+            torch.testing.assert_close(b, a, rtol=RTOL, atol=1e-7,
+                                       msg=lambda m: f"{unit.name}[{k}]: {m}")
+        ref.end()
+        fused.end()
+
+
+def _check_all_units(net, x, y, per_unit=3):
+    calibrate(net, x[: len(x) // 2])
+    units = visit_units(net, x[:2])
+    order = [m for _, m in execution_order(net, x[:2])]
+    plan = lower(net, x[:2])
+    for unit in units:
+        n = unit.param.numel()
+        ks = sorted({0, n - 1, *torch.randint(0, n, (per_unit,)).tolist()})
+        _compare_unit(net, x, y, unit, order, plan, ks)
+
+
+@pytest.mark.parametrize("name", ["paper_mnist", "pytorch_example"])
+def test_every_layer_of_the_models_matches_the_reference(name):
+    torch.manual_seed(0)
+    net = models.get_model(name, torch.Generator().manual_seed(1))
+    x = torch.rand(64, 1, 28, 28) - 0.13
+    y = torch.randint(0, 10, (64,))
+    _check_all_units(net, x, y, per_unit=2)
+
+
+def _random_net(seed: int) -> tuple[nn.Sequential, tuple[int, ...]]:
+    """A random Sequential from the supported op set: conv (stride, padding, bias), BN, ReLU,
+    max/avg pooling, GAP or flatten, linear layers with optional BN1d/ReLU."""
+    g = torch.Generator().manual_seed(seed)
+    r = lambda n: int(torch.randint(0, n, (1,), generator=g))  # noqa: E731
+    layers: list[tuple[str, nn.Module]] = []
+    c, hw = r(2) + 1, 12
+    for i in range(r(2) + 1):
+        cout, k = r(3) + 2, [1, 3][r(2)]
+        stride, pad = [1, 1, 2][r(3)], r(2) if k == 3 else 0
+        layers.append((f"conv{i}", nn.Conv2d(c, cout, k, stride, pad, bias=bool(r(2)))))
+        hw = (hw + 2 * pad - k) // stride + 1
+        if r(2):
+            layers.append((f"bn{i}", nn.BatchNorm2d(cout)))
+        if r(2) and hw >= 4:
+            pool = [nn.MaxPool2d, nn.AvgPool2d][r(2)](2)
+            layers.append((f"pool{i}", pool))
+            hw //= 2
+        layers.append((f"relu{i}", nn.ReLU()))
+        c = cout
+    if r(2):
+        layers += [("gap", nn.AdaptiveAvgPool2d(1)), ("flat", nn.Flatten())]
+        feat = c
+    else:
+        layers.append(("flat", nn.Flatten()))
+        feat = c * hw * hw
+    if r(2):
+        layers.append(("fc0", nn.Linear(feat, 6, bias=bool(r(2)))))
+        if r(2):
+            layers.append(("bnf", nn.BatchNorm1d(6)))
+        layers += [("relu_f", nn.ReLU()), ("drop", nn.Dropout(0.5))]
+        feat = 6
+    layers.append(("out", nn.Linear(feat, 4, bias=bool(r(2)))))
+    net = models.he_init_(nn.Sequential(OrderedDict(layers)), g)
+    with torch.no_grad():
+        for m in net.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.weight.uniform_(0.5, 1.5, generator=g)
+                m.bias.uniform_(-0.3, 0.3, generator=g)
+            elif getattr(m, "bias", None) is not None:
+                m.bias.uniform_(-0.2, 0.2, generator=g)
+    return net, (c, hw)
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_random_nets_of_every_supported_op_match_the_reference(seed):
+    net, _ = _random_net(seed)
+    g = torch.Generator().manual_seed(100 + seed)
+    cin = net[0].in_channels
+    x = torch.randn(48, cin, 12, 12, generator=g)
+    y = torch.randint(0, 4, (48,), generator=g)
+    _check_all_units(net, x, y)
+
+
+def test_fixed_batchnorm_uses_running_statistics():
+    net = tiny_net(seed=2)
+    x, y = toy_data(40)
+    calibrate(net, x)
+    units = visit_units(net, x[:2])
+    order = [m for _, m in execution_order(net, x[:2])]
+    unit = next(u for u in units if u.name == "conv1.weight")
+    plan = lower(net, x[:2])
+    idx = torch.arange(20)
+    vals = unit.param.data.view(-1)[4] + torch.tensor([0.0, 0.2, -0.2])
+    with search_mode(net, order, unit.position):
+        net.bn2.eval()                                    # the reference: bn2 fixed
+        net.bn2.track_running_stats = True
+        ref = FullForward(net)
+        ref.begin(unit, x)
+        a = ref.losses(4, vals, idx, y[idx])
+        unit.param.data.view(-1)[4] = vals[0]
+        fused = FusedSweeper(plan, unit)
+        fused.begin(x, y)
+        steps = [s for s in plan.steps[plan.owner(unit):] if s.kind is not None]
+        bn2 = next(i for i, s in enumerate(steps) if s.module is net.bn2)
+        fused.prog["op_params"][4 * bn2] = 0              # running statistics
+        b = fused.losses(4, vals, idx)
+    torch.testing.assert_close(b, a, rtol=RTOL, atol=1e-7)
+
+
+def test_z_cache_stays_exact_through_a_sweep():
+    net = tiny_net(seed=5, bias=True)
+    x, y = toy_data(80)
+    calibrate(net, x)
+    order = [m for _, m in execution_order(net, x[:2])]
+    plan = lower(net, x[:2])
+    for unit in visit_units(net, x[:2]):
+        if unit.module is not net.conv2 and unit.module is not net.fc:
+            continue
+        streams = SweepStreams.draw(torch.Generator().manual_seed(3), unit.param.numel(), 0.5,
+                                    len(x), 16)
+        with search_mode(net, order, unit.position):
+            sw = FusedSweeper(plan, unit)
+            sw.begin(x, y)
+            accepted, _ = sw.run(0, unit.param.numel(), streams, 0.99)
+            assert accepted > 0
+            torch.testing.assert_close(sw.z, unit.module(sw.x), rtol=1e-5, atol=1e-5)
+            sw.end()
+
+
+def _paper_like(seed: int) -> nn.Sequential:
+    g = torch.Generator().manual_seed(seed)
+    net = nn.Sequential(OrderedDict([
+        ("conv1", nn.Conv2d(1, 4, 3, padding=1, bias=False)), ("pool1", nn.AvgPool2d(2)),
+        ("bn1", nn.BatchNorm2d(4)), ("relu1", nn.ReLU()),
+        ("conv2", nn.Conv2d(4, 4, 3, padding=1, bias=False)), ("bn2", nn.BatchNorm2d(4)),
+        ("gap", nn.AdaptiveAvgPool2d(1)), ("flat", nn.Flatten()),
+        ("fc", nn.Linear(4, 3, bias=False))]))
+    return models.he_init_(net, g)
+
+
+def test_seeded_sweeps_make_the_same_decisions_as_the_reference(monkeypatch):
+    x, y = toy_data(120, seed=4)
+    runs = {}
+    for backend in ("torch", "fused"):
+        net = _paper_like(3)
+        rso = RSO(net, cycles=2, batch_size=40, sampler="random", backend=backend,
+                  generator=torch.Generator().manual_seed(9))
+        stats = list(rso.run(x, y))
+        runs[backend] = (net, [s.accepted for s in stats], [s.mean_loss for s in stats])
+    (a, acc_a, loss_a), (b, acc_b, loss_b) = runs["torch"], runs["fused"]
+    assert acc_a == acc_b and sum(acc_a) > 50
+    for p, q in zip(a.parameters(), b.parameters()):
+        torch.testing.assert_close(q, p, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(torch.tensor(loss_b), torch.tensor(loss_a), rtol=1e-6, atol=0)
+
+
+def test_pool_size_bounds_the_caches_and_keeps_backends_equal():
+    x, y = toy_data(120, seed=4)
+    weights = []
+    for backend in ("torch", "fused"):
+        net = _paper_like(5)
+        rso = RSO(net, cycles=1, batch_size=20, pool_size=60, backend=backend,
+                  generator=torch.Generator().manual_seed(2))
+        list(rso.run(x, y))
+        weights.append([p.detach().clone() for p in net.parameters()])
+    for p, q in zip(*weights):
+        torch.testing.assert_close(q, p, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="pool_size=10 must be at least batch_size=20"):
+        RSO(_paper_like(0), batch_size=20, pool_size=10)
+
+
+# -- the planner --------------------------------------------------------------------------------
+def test_planner_names_what_it_cannot_lower():
+    x = torch.zeros(2, 1, 8, 8)
+    with pytest.raises(PlanError, match=r"module '1' \(GELU\) is outside the fused op set"):
+        lower(nn.Sequential(nn.Conv2d(1, 2, 3), nn.GELU(), nn.Flatten(), nn.Linear(72, 3)), x)
+    with pytest.raises(PlanError, match="TinyDag is not one"):
+        lower(TinyDag(), x)
+    with pytest.raises(PlanError, match="groups=2"):
+        lower(nn.Sequential(nn.Conv2d(2, 2, 3, groups=2), nn.Flatten(), nn.Linear(72, 3)),
+              torch.zeros(2, 2, 8, 8))
+    with pytest.raises(PlanError, match="ceil_mode"):
+        lower(nn.Sequential(nn.Conv2d(1, 2, 3), nn.MaxPool2d(2, ceil_mode=True), nn.Flatten(),
+                            nn.Linear(18, 3)), x)
+
+
+def test_auto_falls_back_to_torch_and_fused_refuses():
+    x, y = toy_data(30)
+    rso = RSO(TinyDag(), cycles=1, batch_size=10, backend="auto")
+    rso.sweep_unit(0, x, y, weights=2)
+    assert rso.backend == "torch"
+    with pytest.raises(PlanError, match="TinyDag"):
+        RSO(TinyDag(), cycles=1, batch_size=10, backend="fused").sweep_unit(0, x, y)
+    rso = RSO(tiny_net(), cycles=1, batch_size=10)
+    rso.sweep_unit(0, x, y, weights=2)
+    assert rso.backend == "fused"
+
+
+# -- the op boundary ----------------------------------------------------------------------------
+@pytest.fixture
+def sweeper():
+    net = tiny_net(seed=1)
+    x, y = toy_data(30)
+    calibrate(net, x)
+    unit = next(u for u in visit_units(net, x[:2]) if u.name == "conv2.weight")
+    order = [m for _, m in execution_order(net, x[:2])]
+    sw = FusedSweeper(lower(net, x[:2]), unit)
+    with search_mode(net, order, unit.position):
+        sw.begin(x, y)
+        yield sw
+
+
+def _call(sw, **over):
+    args = dict(x=sw.x, z=sw.z, param=sw.unit.param.data, target=sw.y, **sw.prog, k=0,
+                values=torch.tensor([0.1, 0.2, 0.3]), batch=torch.arange(10))
+    args.update(over)
+    return torch.ops.rso_ext.fused_candidate_losses(*args.values())
+
+
+def test_op_boundary_errors_are_readable(sweeper):
+    sw = sweeper
+    assert _call(sw).shape == (3,)
+    cases = [
+        (dict(x=sw.x.double()), "must share one dtype"),
+        (dict(z=sw.z[:, :2].contiguous()), "z must be the layer's output"),
+        (dict(batch=torch.tensor([0, 99])), "sample index 99 outside the pool"),
+        (dict(batch=torch.arange(3).int()), "batch must be int64"),
+        (dict(values=torch.tensor([0.1])), "K >= 2"),
+        (dict(values=torch.tensor([0.1, 0.2], dtype=torch.float64)), "parameter's dtype"),
+        (dict(k=10_000), "weight index k=10000"),
+        (dict(param=sw.unit.param.data.clone()), "param must be the program's tensor"),
+        (dict(unit_op=3), "a weight or bias unit belongs to op 0"),
+        (dict(target=sw.y[:5]), "target must be an int64 vector of length N = 30"),
+        (dict(op_params=[1, 1]), "op_params must hold 4 integers per op"),
+    ]
+    for over, msg in cases:
+        with pytest.raises(RuntimeError, match=msg):
+            _call(sw, **over)
+
+
+def test_non_finite_candidates_are_never_chosen_and_a_non_finite_state_is_reported(sweeper):
+    sw = sweeper
+    w = float(sw.unit.param.data.view(-1)[0])
+    values = torch.tensor([[w, float("nan"), float("inf")], [w, w + 5.0, float("nan")]])
+    chosen, losses = torch.ops.rso_ext.fused_sweep(
+        sw.x, sw.z, sw.unit.param.data, sw.y, *sw.prog.values(), 0, values,
+        torch.arange(20).view(2, 10))
+    assert chosen[0] == 0 and chosen[1] in (0, 1)
+    assert not torch.isfinite(losses[0, 1:]).any()
+    sw.x[3] = float("nan")
+    streams = SweepStreams.draw(torch.Generator().manual_seed(0), sw.unit.param.numel(), 0.1,
+                                30, 30)
+    with pytest.raises(NonFiniteLossError, match=r"layer 'conv2.weight', weight 0"):
+        sw.run(0, 4, streams, 1.0)
