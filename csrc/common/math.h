@@ -123,3 +123,64 @@ RSO_HD inline int64_t choose_candidate(const double* loss, int64_t n) {
 
 }  // namespace math
 }  // namespace rso
+
+// -- the fused candidate evaluation (csrc/core/fused.cpp, csrc/cuda/fused.cu) -----------------
+namespace rso {
+namespace math {
+
+// z + d * x rounded twice (a product, then a sum), never contracted into one fused
+// multiply-add: the host compiler does not contract on plain x86-64, and on the device the
+// explicitly rounded intrinsics forbid it, so both backends keep Z_d bitwise equal.
+RSO_HD inline float add_product(float z, float d, float x) {
+#ifdef __CUDA_ARCH__
+  return __fadd_rn(z, __fmul_rn(d, x));
+#else
+  return z + d * x;
+#endif
+}
+RSO_HD inline double add_product(double z, double d, double x) {
+#ifdef __CUDA_ARCH__
+  return __dadd_rn(z, __dmul_rn(d, x));
+#else
+  return z + d * x;
+#endif
+}
+
+// log(sum over c != skip of exp(row[c])) in double: the log-sum-exp of the classes whose
+// logits do not move when only logit `skip` does. NaN anywhere (but in `skip`) gives NaN.
+template <typename T>
+RSO_HD inline double log_sum_exp_except(const T* row, int64_t n, int64_t skip) {
+  double m = -INFINITY;
+  for (int64_t c = 0; c < n; ++c) {
+    if (c != skip && (static_cast<double>(row[c]) > m || is_nan(static_cast<double>(row[c])))) {
+      m = static_cast<double>(row[c]);
+    }
+  }
+  if (!is_finite(m)) {
+    return m;
+  }
+  double sum = 0.0;
+  for (int64_t c = 0; c < n; ++c) {
+    if (c != skip) {
+      sum += ::exp(static_cast<double>(row[c]) - m);
+    }
+  }
+  return m + ::log(sum);
+}
+
+// Cross-entropy of one sample whose logit `moved` takes the value `t`, the others being
+// `row`, given rest = log_sum_exp_except(row, n, moved) and the sample's label y.
+template <typename T>
+RSO_HD inline double moved_logit_cross_entropy(const T* row, double rest, int64_t moved,
+                                               int64_t y, double t) {
+  return log_add_exp(rest, t) - (y == moved ? t : static_cast<double>(row[y]));
+}
+
+// The decision of one sweep step: -1 when candidate 0's loss (the current weight) is not
+// finite (the sweep stops and nothing is written), else choose_candidate.
+RSO_HD inline int64_t sweep_decision(const double* loss, int64_t n) {
+  return is_finite(loss[0]) ? choose_candidate(loss, n) : -1;
+}
+
+}  // namespace math
+}  // namespace rso

@@ -1,4 +1,5 @@
-// CPU kernels of the fused candidate evaluation (schemas in csrc/ops.cpp; DESIGN.md §2).
+// The fused candidate evaluation (schemas in csrc/ops.cpp; DESIGN.md section 2): the
+// device-generic implementation (fused.h) and the CPU backend.
 //
 // For one weight of the swept layer d, every candidate value changes channel o of the
 // layer's pre-activation only: Z_d[I, o] + (v_k - w) * shift(X_d[I, c]). The channel-local
@@ -10,11 +11,17 @@
 //
 // The caches X_d (layer input) and Z_d (pre-activation) cover the sweep's pool; Z_d is kept
 // exact under every accepted move, the weight-decay step included.
+//
+// The program passes below are ATen calls and run on the caches' device; the hand-written
+// steps are the Backend's (CPU here, CUDA in fused_cuda.cpp + csrc/cuda/fused.cu).
+#include "fused.h"
+
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cmath>
 #include <vector>
 
@@ -22,25 +29,7 @@
 #include "program.h"
 
 namespace rso {
-namespace {
-
-enum class UnitKind : int64_t { Weight = 0, Bias = 1, Gamma = 2, Beta = 3 };
-
-struct Sweep {
-  at::Tensor x, z, param, target;
-  Program prog;
-  UnitKind kind;
-  int64_t unit_op;
-  bool conv;                   // the swept layer is a Conv2d (else Linear)
-  int64_t cin, h, w;           // input channels (features for Linear) and spatial size
-  int64_t cout, ho, wo;        // output channels and spatial size
-  int64_t kh = 1, kw = 1, sh = 1, sw = 1, ph = 0, pw = 0;
-};
-
-// Where flat index k of the unit's parameter sits: output unit o, input channel c, tap.
-struct Site {
-  int64_t o, c = 0, ky = 0, kx = 0;
-};
+namespace fused {
 
 Site site_of(const Sweep& s, int64_t k) {
   if (s.kind != UnitKind::Weight) {
@@ -52,6 +41,55 @@ Site site_of(const Sweep& s, int64_t k) {
   const int64_t taps = s.kh * s.kw;
   const int64_t r = k % (s.cin * taps);
   return Site{k / (s.cin * taps), r / taps, (r % taps) / s.kw, r % s.kw};
+}
+
+namespace {
+
+// Number of features per sample after the last op (the logits' width): the per-sample shape
+// followed through the program as ATen computes it (floor-mode pooling, no dilation).
+int64_t output_width(const Sweep& s) {
+  const Program& prog = s.prog;
+  if (prog.ops.size() == 1) {
+    return s.cout;  // the swept layer gives the logits
+  }
+  std::vector<int64_t> shape = s.conv ? std::vector<int64_t>{s.cout, s.ho, s.wo}
+                                      : std::vector<int64_t>{s.cout};
+  for (size_t i = 1; i < prog.ops.size(); ++i) {
+    const Op& op = prog.ops[i];
+    switch (op.kind) {
+      case OpKind::Conv:
+        if (shape.size() == 3) {
+          shape = {op.t[0].size(0), (shape[1] + 2 * op.p[2] - op.t[0].size(2)) / op.p[0] + 1,
+                   (shape[2] + 2 * op.p[3] - op.t[0].size(3)) / op.p[1] + 1};
+        }
+        break;
+      case OpKind::Linear:
+        shape = {op.t[0].size(0)};
+        break;
+      case OpKind::AvgPool:
+      case OpKind::MaxPool:
+        if (shape.size() == 3) {
+          for (int j = 1; j < 3; ++j) {
+            shape[j] = (shape[j] + 2 * op.p[2] - op.p[0]) / op.p[1] + 1;
+          }
+        }
+        break;
+      case OpKind::GlobalAvgPool:
+        if (shape.size() == 3) {
+          shape = {shape[0], 1, 1};
+        }
+        break;
+      case OpKind::Flatten:
+      case OpKind::BatchNorm:
+      case OpKind::ReLU:
+        break;
+    }
+  }
+  int64_t width = 1;
+  for (int64_t d : shape) {
+    width *= d;
+  }
+  return width;
 }
 
 const at::Tensor& unit_tensor(const Program& prog, UnitKind kind, int64_t unit_op) {
@@ -83,7 +121,7 @@ Sweep make_sweep(const at::Tensor& x, const at::Tensor& z, const at::Tensor& par
   const at::Tensor& owner = unit_tensor(s.prog, s.kind, unit_op);
   TORCH_CHECK(owner.defined(), "fused: the swept parameter is missing from the program (a "
               "bias unit of a layer without bias?)");
-  TORCH_CHECK(param.defined() && param.is_same(owner) ||
+  TORCH_CHECK((param.defined() && param.is_same(owner)) ||
                   (param.data_ptr() == owner.data_ptr() && param.sizes() == owner.sizes()),
               "fused: param must be the program's tensor for this unit (same storage), got shape ",
               param.sizes(), " vs ", owner.sizes());
@@ -96,6 +134,13 @@ Sweep make_sweep(const at::Tensor& x, const at::Tensor& z, const at::Tensor& par
               "fused: x, z and param must be on one device, got x on ", x.device(), ", z on ",
               z.device(), ", param on ", param.device());
   TORCH_CHECK(x.is_contiguous() && z.is_contiguous(), "fused: the caches x and z must be contiguous");
+  for (size_t i = 0; i < s.prog.ops.size(); ++i) {
+    for (int j = 0; j < 4; ++j) {
+      const at::Tensor& t = s.prog.ops[i].t[j];
+      TORCH_CHECK(!t.defined() || t.device() == x.device(), "fused program: op ", i,
+                  " has tensor ", j, " on ", t.device(), " but the caches are on ", x.device());
+    }
+  }
   const Op& layer = s.prog.ops[0];
   const at::Tensor& W = layer.t[0];
   s.conv = layer.kind == OpKind::Conv;
@@ -143,175 +188,28 @@ Sweep make_sweep(const at::Tensor& x, const at::Tensor& z, const at::Tensor& par
   s.param = param;
   s.target = target;
   s.unit_op = unit_op;
+  s.classes = output_width(s);
   return s;
-}
-
-void check_batch(const Sweep& s, const at::Tensor& idx, const char* what) {
-  TORCH_CHECK(idx.scalar_type() == at::kLong && idx.device() == s.x.device(), "fused: ", what,
-              " must be int64 indices on the caches' device, got ", idx.scalar_type(), " on ",
-              idx.device());
-  if (idx.numel() > 0) {
-    const int64_t lo = idx.min().item<int64_t>();
-    const int64_t hi = idx.max().item<int64_t>();
-    TORCH_CHECK(lo >= 0 && hi < s.x.size(0), "fused: ", what, " holds sample index ",
-                lo < 0 ? lo : hi, " outside the pool [0, ", s.x.size(0), ")");
-  }
-}
-
-// out[k, b, :] = channel o of Z[idx[b]] as it would be with the unit's entry set to vals[k].
-template <typename T>
-void channel_candidates(const Sweep& s, const Site& st, const T* vals, int64_t K, T w,
-                        const int64_t* idx, int64_t B, T* out) {
-  const T* z = s.z.const_data_ptr<T>();
-  const T* x = s.x.const_data_ptr<T>();
-  const int64_t hwo = s.ho * s.wo;
-  const bool moves_weight = s.kind == UnitKind::Weight;
-  const bool moves_bias = s.kind == UnitKind::Bias;
-  at::parallel_for(0, B, 16, [&](int64_t b0, int64_t b1) {
-    for (int64_t b = b0; b < b1; ++b) {
-      const int64_t n = idx[b];
-      const T* zrow = z + (n * s.cout + st.o) * hwo;
-      for (int64_t k = 0; k < K; ++k) {
-        T* dst = out + (k * B + b) * hwo;
-        const T d = vals[k] - w;
-        if (moves_weight && s.conv) {
-          const T* xp = x + (n * s.cin + st.c) * s.h * s.w;
-          for (int64_t y = 0; y < s.ho; ++y) {
-            const int64_t iy = math::conv_input_coord(y, st.ky, s.sh, s.ph);
-            for (int64_t xx = 0; xx < s.wo; ++xx) {
-              const int64_t ix = math::conv_input_coord(xx, st.kx, s.sw, s.pw);
-              const bool inside = iy >= 0 && iy < s.h && ix >= 0 && ix < s.w;
-              dst[y * s.wo + xx] = zrow[y * s.wo + xx] + (inside ? d * xp[iy * s.w + ix] : T(0));
-            }
-          }
-        } else if (moves_weight) {
-          dst[0] = zrow[0] + d * x[n * s.cin + st.c];
-        } else {
-          const T add = moves_bias ? d : T(0);
-          for (int64_t j = 0; j < hwo; ++j) {
-            dst[j] = zrow[j] + add;
-          }
-        }
-      }
-    }
-  });
-}
-
-// Z[:, o] += d * (the input the moved entry multiplies), over the whole pool.
-template <typename T>
-void apply_move(const Sweep& s, const Site& st, T d) {
-  if (s.kind == UnitKind::Gamma || s.kind == UnitKind::Beta || d == T(0)) {
-    return;
-  }
-  T* z = s.z.mutable_data_ptr<T>();
-  const T* x = s.x.const_data_ptr<T>();
-  const int64_t hwo = s.ho * s.wo;
-  const int64_t N = s.x.size(0);
-  at::parallel_for(0, N, 64, [&](int64_t n0, int64_t n1) {
-    for (int64_t n = n0; n < n1; ++n) {
-      T* zrow = z + (n * s.cout + st.o) * hwo;
-      if (s.kind == UnitKind::Bias) {
-        for (int64_t j = 0; j < hwo; ++j) {
-          zrow[j] += d;
-        }
-      } else if (!s.conv) {
-        zrow[0] += d * x[n * s.cin + st.c];
-      } else {
-        const T* xp = x + (n * s.cin + st.c) * s.h * s.w;
-        for (int64_t y = 0; y < s.ho; ++y) {
-          const int64_t iy = math::conv_input_coord(y, st.ky, s.sh, s.ph);
-          if (iy < 0 || iy >= s.h) {
-            continue;
-          }
-          for (int64_t xx = 0; xx < s.wo; ++xx) {
-            const int64_t ix = math::conv_input_coord(xx, st.kx, s.sw, s.pw);
-            if (ix >= 0 && ix < s.w) {
-              zrow[y * s.wo + xx] += d * xp[iy * s.w + ix];
-            }
-          }
-        }
-      }
-    }
-  });
-}
-
-// The swept layer gives the logits: only logit o moves, so each sample's log-sum-exp
-// over the other classes is shared by the K candidates.
-template <typename T>
-at::Tensor logits_layer_losses(const Sweep& s, int64_t o, const T* cand, int64_t K,
-                               const int64_t* idx, int64_t B) {
-  const T* z = s.z.const_data_ptr<T>();
-  const int64_t* target = s.target.const_data_ptr<int64_t>();
-  const int64_t C = s.cout;
-  std::vector<double> per(static_cast<size_t>(K * B));
-  at::parallel_for(0, B, 64, [&](int64_t b0, int64_t b1) {
-    for (int64_t b = b0; b < b1; ++b) {
-      const int64_t n = idx[b];
-      const T* row = z + n * C;
-      double m = -INFINITY;
-      for (int64_t c = 0; c < C; ++c) {
-        if (c != o && (static_cast<double>(row[c]) > m || math::is_nan(row[c]))) {
-          m = row[c];
-        }
-      }
-      double rest = m;  // log-sum-exp of the classes other than o
-      if (math::is_finite(m)) {
-        double sum = 0.0;
-        for (int64_t c = 0; c < C; ++c) {
-          if (c != o) {
-            sum += std::exp(static_cast<double>(row[c]) - m);
-          }
-        }
-        rest = m + std::log(sum);
-      }
-      const int64_t y = target[n];
-      for (int64_t k = 0; k < K; ++k) {
-        const double t = cand[k * B + b];
-        per[k * B + b] = math::log_add_exp(rest, t) - (y == o ? t : static_cast<double>(row[y]));
-      }
-    }
-  });
-  at::Tensor out = at::empty({K}, at::TensorOptions().dtype(at::kDouble));
-  double* res = out.mutable_data_ptr<double>();
-  for (int64_t k = 0; k < K; ++k) {
-    double sum = 0.0;
-    for (int64_t b = 0; b < B; ++b) {
-      sum += per[k * B + b];
-    }
-    res[k] = sum;
-  }
-  return out;
-}
-
-at::Tensor cross_entropy(const at::Tensor& logits, const at::Tensor& target) {
-  static auto op = c10::Dispatcher::singleton()
-                       .findSchemaOrThrow("rso_ext::candidate_cross_entropy", "")
-                       .typed<at::Tensor(const at::Tensor&, const at::Tensor&)>();
-  return op.call(logits, target);
 }
 
 // The K summed float64 losses of weight k with candidate values `values` [K] on the
 // minibatch `idx` [B]. Reads the caches, changes nothing.
-template <typename T>
-at::Tensor evaluate(const Sweep& s, int64_t k, const at::Tensor& values, const at::Tensor& idx) {
+at::Tensor evaluate(const Backend& be, const Sweep& s, int64_t k, const at::Tensor& values,
+                    const at::Tensor& idx) {
   const Site st = site_of(s, k);
   const int64_t K = values.numel();
   const int64_t B = idx.numel();
-  const int64_t hwo = s.ho * s.wo;
-  const T w = s.param.const_data_ptr<T>()[k];
   const at::Tensor vals = values.contiguous();
   at::Tensor zo = at::empty({K * B, 1, s.ho, s.wo}, s.z.options());
   const bool channel_moves = s.kind == UnitKind::Weight || s.kind == UnitKind::Bias;
-  channel_candidates<T>(s, st, vals.const_data_ptr<T>(), channel_moves ? K : 1, w,
-                        idx.const_data_ptr<int64_t>(), B, zo.mutable_data_ptr<T>());
+  be.channel_candidates(s, st, k, vals, channel_moves ? K : 1, idx, zo);
   if (!channel_moves) {  // a BatchNorm parameter moves: the pre-activation is shared
     zo.narrow(0, B, (K - 1) * B).copy_(zo.narrow(0, 0, B).repeat({K - 1, 1, 1, 1}));
   }
   const Program& prog = s.prog;
   const int64_t n_ops = static_cast<int64_t>(prog.ops.size());
   if (n_ops == 1) {
-    return logits_layer_losses<T>(s, st.o, zo.const_data_ptr<T>(), K,
-                                  idx.const_data_ptr<int64_t>(), B);
+    return be.logits_layer_losses(s, st.o, zo, K, idx);
   }
   if (!s.conv) {
     zo = zo.view({K * B, 1});
@@ -354,17 +252,22 @@ at::Tensor evaluate(const Sweep& s, int64_t k, const at::Tensor& values, const a
     }
     logits = h.reshape({K, B, -1});
   }
-  (void)hwo;
-  return cross_entropy(logits, target_b);
+  // The CUDA backend checks the labels against s.classes up front: keep the shape walk
+  // honest on every backend (a host-side check, no read-back).
+  TORCH_CHECK(logits.size(2) == s.classes, "fused: the program produced logits of shape ",
+              logits.sizes(), ", expected [K, B, ", s.classes, "]");
+  return be.cross_entropy(s, logits, target_b);
 }
 
-at::Tensor fused_candidate_losses_cpu(const at::Tensor& x, const at::Tensor& z,
-                                      const at::Tensor& param, const at::Tensor& target,
-                                      at::IntArrayRef kinds, at::IntArrayRef params,
-                                      at::ArrayRef<double> eps,
-                                      const c10::List<std::optional<at::Tensor>>& tensors,
-                                      int64_t unit_kind, int64_t unit_op, int64_t k,
-                                      const at::Tensor& values, const at::Tensor& batch) {
+}  // namespace
+
+at::Tensor candidate_losses(const Backend& be, const at::Tensor& x, const at::Tensor& z,
+                            const at::Tensor& param, const at::Tensor& target,
+                            at::IntArrayRef kinds, at::IntArrayRef params,
+                            at::ArrayRef<double> eps,
+                            const c10::List<std::optional<at::Tensor>>& tensors,
+                            int64_t unit_kind, int64_t unit_op, int64_t k,
+                            const at::Tensor& values, const at::Tensor& batch) {
   const Sweep s = make_sweep(x, z, param, target, kinds, params, eps, tensors, unit_kind, unit_op);
   TORCH_CHECK(target.defined(), "fused_candidate_losses: target is required");
   TORCH_CHECK(k >= 0 && k < param.numel(), "fused_candidate_losses: weight index k=", k,
@@ -374,19 +277,16 @@ at::Tensor fused_candidate_losses_cpu(const at::Tensor& x, const at::Tensor& z,
               "parameter's dtype, got ", values.scalar_type(), " ", values.sizes());
   TORCH_CHECK(batch.dim() == 1 && batch.numel() >= 1,
               "fused_candidate_losses: batch must be a non-empty 1-D index tensor, got ", batch.sizes());
-  check_batch(s, batch, "batch");
-  at::Tensor out;
-  AT_DISPATCH_FLOATING_TYPES(param.scalar_type(), "fused_candidate_losses", [&] {
-    out = evaluate<scalar_t>(s, k, values.to(x.device()), batch.contiguous());
-  });
-  return out;
+  be.check_batches(s, batch, "batch");
+  return evaluate(be, s, k, values.to(x.device()), batch.contiguous());
 }
 
-std::tuple<at::Tensor, at::Tensor> fused_sweep_cpu(
-    const at::Tensor& x, at::Tensor& z, at::Tensor& param, const at::Tensor& target,
-    at::IntArrayRef kinds, at::IntArrayRef params, at::ArrayRef<double> eps,
-    const c10::List<std::optional<at::Tensor>>& tensors, int64_t unit_kind, int64_t unit_op,
-    int64_t k0, const at::Tensor& values, const at::Tensor& batches) {
+std::tuple<at::Tensor, at::Tensor> sweep(
+    const Backend& be, const at::Tensor& x, at::Tensor& z, at::Tensor& param,
+    const at::Tensor& target, at::IntArrayRef kinds, at::IntArrayRef params,
+    at::ArrayRef<double> eps, const c10::List<std::optional<at::Tensor>>& tensors,
+    int64_t unit_kind, int64_t unit_op, int64_t k0, const at::Tensor& values,
+    const at::Tensor& batches) {
   const Sweep s = make_sweep(x, z, param, target, kinds, params, eps, tensors, unit_kind, unit_op);
   TORCH_CHECK(target.defined(), "fused_sweep: target is required");
   TORCH_CHECK(values.dim() == 2 && values.size(1) >= 2 && values.scalar_type() == param.scalar_type(),
@@ -397,52 +297,253 @@ std::tuple<at::Tensor, at::Tensor> fused_sweep_cpu(
               "fused_sweep: batches must be [m, B] with m = ", m, " rows, got ", batches.sizes());
   TORCH_CHECK(k0 >= 0 && k0 + m <= param.numel(), "fused_sweep: weights ", k0, "..",
               k0 + m - 1, " outside the parameter's ", param.numel(), " entries");
-  check_batch(s, batches, "batches");
+  be.check_batches(s, batches, "batches");
   const int64_t K = values.size(1);
-  at::Tensor chosen = at::full({m}, -2, at::TensorOptions().dtype(at::kLong));
-  at::Tensor losses = at::full({m, K}, NAN, at::TensorOptions().dtype(at::kDouble));
-  const at::Tensor vals = values.contiguous();
+  const at::TensorOptions on_device = at::TensorOptions().device(x.device());
+  Backend::SweepCall call;
+  call.chosen = at::full({m}, -2, on_device.dtype(at::kLong));
+  call.losses = at::full({m, K}, NAN, on_device.dtype(at::kDouble));
+  be.begin_sweep(s, call);
+  const at::Tensor vals = values.to(x.device()).contiguous();
   const at::Tensor idx = batches.contiguous();
-  int64_t* ch = chosen.mutable_data_ptr<int64_t>();
-  double* ls = losses.mutable_data_ptr<double>();
-  AT_DISPATCH_FLOATING_TYPES(param.scalar_type(), "fused_sweep", [&] {
-    scalar_t* p = param.mutable_data_ptr<scalar_t>();
-    for (int64_t i = 0; i < m; ++i) {
-      const int64_t k = k0 + i;
-      const at::Tensor row = vals[i];
-      const at::Tensor l = evaluate<scalar_t>(s, k, row, idx[i]);
-      const double* lp = l.const_data_ptr<double>();
-      std::copy(lp, lp + K, ls + i * K);
-      if (!math::is_finite(lp[0])) {
-        ch[i] = -1;  // reported by the caller; nothing is written
-        break;
+  for (int64_t i = 0; i < m; ++i) {
+    const int64_t k = k0 + i;
+    const at::Tensor row = vals[i];
+    const at::Tensor l = evaluate(be, s, k, row, idx[i]);
+    if (!be.step(s, call, i, k, l, row)) {
+      break;
+    }
+  }
+  return {call.chosen, call.losses};
+}
+
+void set_weight(const Backend& be, const at::Tensor& x, at::Tensor& z, at::Tensor& param,
+                at::IntArrayRef kinds, at::IntArrayRef params, at::ArrayRef<double> eps,
+                const c10::List<std::optional<at::Tensor>>& tensors, int64_t unit_kind,
+                int64_t unit_op, int64_t k, double value) {
+  const Sweep s = make_sweep(x, z, param, at::Tensor(), kinds, params, eps, tensors, unit_kind,
+                             unit_op);
+  TORCH_CHECK(k >= 0 && k < param.numel(), "fused_set_weight: weight index k=", k,
+              " outside the parameter's ", param.numel(), " entries");
+  be.set_weight(s, k, value);
+}
+
+// -- the CPU backend ----------------------------------------------------------------------------
+namespace {
+
+// out[k, b, :] = channel o of Z[idx[b]] as it would be with the unit's entry set to vals[k].
+template <typename T>
+void channel_candidates_cpu(const Sweep& s, const Site& st, const T* vals, int64_t K, T w,
+                            const int64_t* idx, int64_t B, T* out) {
+  const T* z = s.z.const_data_ptr<T>();
+  const T* x = s.x.const_data_ptr<T>();
+  const int64_t hwo = s.ho * s.wo;
+  const bool moves_weight = s.kind == UnitKind::Weight;
+  const bool moves_bias = s.kind == UnitKind::Bias;
+  at::parallel_for(0, B, 16, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      const int64_t n = idx[b];
+      const T* zrow = z + (n * s.cout + st.o) * hwo;
+      for (int64_t k = 0; k < K; ++k) {
+        T* dst = out + (k * B + b) * hwo;
+        const T d = vals[k] - w;
+        if (moves_weight && s.conv) {
+          const T* xp = x + (n * s.cin + st.c) * s.h * s.w;
+          for (int64_t y = 0; y < s.ho; ++y) {
+            const int64_t iy = math::conv_input_coord(y, st.ky, s.sh, s.ph);
+            for (int64_t xx = 0; xx < s.wo; ++xx) {
+              const int64_t ix = math::conv_input_coord(xx, st.kx, s.sw, s.pw);
+              const bool inside = iy >= 0 && iy < s.h && ix >= 0 && ix < s.w;
+              dst[y * s.wo + xx] = inside ? math::add_product(zrow[y * s.wo + xx], d, xp[iy * s.w + ix])
+                                          : zrow[y * s.wo + xx] + T(0);
+            }
+          }
+        } else if (moves_weight) {
+          dst[0] = math::add_product(zrow[0], d, x[n * s.cin + st.c]);
+        } else {
+          const T add = moves_bias ? d : T(0);
+          for (int64_t j = 0; j < hwo; ++j) {
+            dst[j] = zrow[j] + add;
+          }
+        }
       }
-      const int64_t j = math::choose_candidate(lp, K);
-      const scalar_t v = row.const_data_ptr<scalar_t>()[j];
-      const scalar_t old = p[k];
-      p[k] = v;
-      apply_move<scalar_t>(s, site_of(s, k), static_cast<scalar_t>(v - old));
-      ch[i] = j;
     }
   });
-  return {chosen, losses};
+}
+
+// Z[:, o] += d * (the input the moved entry multiplies), over the whole pool.
+template <typename T>
+void apply_move_cpu(const Sweep& s, const Site& st, T d) {
+  if (s.kind == UnitKind::Gamma || s.kind == UnitKind::Beta || d == T(0)) {
+    return;
+  }
+  T* z = s.z.mutable_data_ptr<T>();
+  const T* x = s.x.const_data_ptr<T>();
+  const int64_t hwo = s.ho * s.wo;
+  const int64_t N = s.x.size(0);
+  at::parallel_for(0, N, 64, [&](int64_t n0, int64_t n1) {
+    for (int64_t n = n0; n < n1; ++n) {
+      T* zrow = z + (n * s.cout + st.o) * hwo;
+      if (s.kind == UnitKind::Bias) {
+        for (int64_t j = 0; j < hwo; ++j) {
+          zrow[j] += d;
+        }
+      } else if (!s.conv) {
+        zrow[0] = math::add_product(zrow[0], d, x[n * s.cin + st.c]);
+      } else {
+        const T* xp = x + (n * s.cin + st.c) * s.h * s.w;
+        for (int64_t y = 0; y < s.ho; ++y) {
+          const int64_t iy = math::conv_input_coord(y, st.ky, s.sh, s.ph);
+          if (iy < 0 || iy >= s.h) {
+            continue;
+          }
+          for (int64_t xx = 0; xx < s.wo; ++xx) {
+            const int64_t ix = math::conv_input_coord(xx, st.kx, s.sw, s.pw);
+            if (ix >= 0 && ix < s.w) {
+              zrow[y * s.wo + xx] = math::add_product(zrow[y * s.wo + xx], d, xp[iy * s.w + ix]);
+            }
+          }
+        }
+      }
+    }
+  });
+}
+
+// The swept layer gives the logits: only logit o moves, so each sample's log-sum-exp
+// over the other classes is shared by the K candidates.
+template <typename T>
+void logits_layer_losses_cpu(const Sweep& s, int64_t o, const T* cand, int64_t K,
+                             const int64_t* idx, int64_t B, double* res) {
+  const T* z = s.z.const_data_ptr<T>();
+  const int64_t* target = s.target.const_data_ptr<int64_t>();
+  const int64_t C = s.cout;
+  std::vector<double> per(static_cast<size_t>(K * B));
+  at::parallel_for(0, B, 64, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      const int64_t n = idx[b];
+      const T* row = z + n * C;
+      const double rest = math::log_sum_exp_except(row, C, o);
+      const int64_t y = target[n];
+      for (int64_t k = 0; k < K; ++k) {
+        per[k * B + b] = math::moved_logit_cross_entropy(row, rest, o, y,
+                                                         static_cast<double>(cand[k * B + b]));
+      }
+    }
+  });
+  for (int64_t k = 0; k < K; ++k) {
+    double sum = 0.0;
+    for (int64_t b = 0; b < B; ++b) {
+      sum += per[k * B + b];
+    }
+    res[k] = sum;
+  }
+}
+
+class CpuBackend final : public Backend {
+ public:
+  void check_batches(const Sweep& s, const at::Tensor& idx, const char* what) const override {
+    TORCH_CHECK(idx.scalar_type() == at::kLong && idx.device() == s.x.device(), "fused: ", what,
+                " must be int64 indices on the caches' device, got ", idx.scalar_type(), " on ",
+                idx.device());
+    if (idx.numel() > 0) {
+      const int64_t lo = idx.min().item<int64_t>();
+      const int64_t hi = idx.max().item<int64_t>();
+      TORCH_CHECK(lo >= 0 && hi < s.x.size(0), "fused: ", what, " holds sample index ",
+                  lo < 0 ? lo : hi, " outside the pool [0, ", s.x.size(0), ")");
+    }
+  }
+
+  void channel_candidates(const Sweep& s, const Site& st, int64_t k, const at::Tensor& vals,
+                          int64_t K, const at::Tensor& idx, const at::Tensor& out) const override {
+    AT_DISPATCH_FLOATING_TYPES(s.param.scalar_type(), "fused channel_candidates", [&] {
+      channel_candidates_cpu<scalar_t>(s, st, vals.const_data_ptr<scalar_t>(), K,
+                                       s.param.const_data_ptr<scalar_t>()[k],
+                                       idx.const_data_ptr<int64_t>(), idx.numel(),
+                                       out.mutable_data_ptr<scalar_t>());
+    });
+  }
+
+  at::Tensor logits_layer_losses(const Sweep& s, int64_t o, const at::Tensor& cand, int64_t K,
+                                 const at::Tensor& idx) const override {
+    at::Tensor out = at::empty({K}, at::TensorOptions().dtype(at::kDouble));
+    AT_DISPATCH_FLOATING_TYPES(s.param.scalar_type(), "fused logits_layer_losses", [&] {
+      logits_layer_losses_cpu<scalar_t>(s, o, cand.const_data_ptr<scalar_t>(), K,
+                                        idx.const_data_ptr<int64_t>(), idx.numel(),
+                                        out.mutable_data_ptr<double>());
+    });
+    return out;
+  }
+
+  at::Tensor cross_entropy(const Sweep&, const at::Tensor& logits,
+                           const at::Tensor& target) const override {
+    // Through the dispatcher: the operator checks the labels of every call.
+    static auto op = c10::Dispatcher::singleton()
+                         .findSchemaOrThrow("rso_ext::candidate_cross_entropy", "")
+                         .typed<at::Tensor(const at::Tensor&, const at::Tensor&)>();
+    return op.call(logits, target);
+  }
+
+  void begin_sweep(const Sweep&, SweepCall&) const override {}
+
+  bool step(const Sweep& s, SweepCall& call, int64_t i, int64_t k, const at::Tensor& l,
+            const at::Tensor& vals_row) const override {
+    const int64_t K = l.numel();
+    const double* lp = l.const_data_ptr<double>();
+    std::copy(lp, lp + K, call.losses.mutable_data_ptr<double>() + i * K);
+    const int64_t j = math::sweep_decision(lp, K);
+    call.chosen.mutable_data_ptr<int64_t>()[i] = j;
+    if (j < 0) {
+      return false;  // reported by the caller; nothing is written
+    }
+    AT_DISPATCH_FLOATING_TYPES(s.param.scalar_type(), "fused_sweep", [&] {
+      write_entry<scalar_t>(s, k, vals_row.const_data_ptr<scalar_t>()[j]);
+    });
+    return true;
+  }
+
+  void set_weight(const Sweep& s, int64_t k, double value) const override {
+    AT_DISPATCH_FLOATING_TYPES(s.param.scalar_type(), "fused_set_weight", [&] {
+      write_entry<scalar_t>(s, k, static_cast<scalar_t>(value));
+    });
+  }
+
+ private:
+  template <typename T>
+  static void write_entry(const Sweep& s, int64_t k, T v) {
+    T* p = s.param.mutable_data_ptr<T>();
+    const T old = p[k];
+    p[k] = v;
+    apply_move_cpu<T>(s, site_of(s, k), static_cast<T>(v - old));
+  }
+};
+
+const CpuBackend kCpu;
+
+at::Tensor fused_candidate_losses_cpu(const at::Tensor& x, const at::Tensor& z,
+                                      const at::Tensor& param, const at::Tensor& target,
+                                      at::IntArrayRef kinds, at::IntArrayRef params,
+                                      at::ArrayRef<double> eps,
+                                      const c10::List<std::optional<at::Tensor>>& tensors,
+                                      int64_t unit_kind, int64_t unit_op, int64_t k,
+                                      const at::Tensor& values, const at::Tensor& batch) {
+  return candidate_losses(kCpu, x, z, param, target, kinds, params, eps, tensors, unit_kind,
+                          unit_op, k, values, batch);
+}
+
+std::tuple<at::Tensor, at::Tensor> fused_sweep_cpu(
+    const at::Tensor& x, at::Tensor& z, at::Tensor& param, const at::Tensor& target,
+    at::IntArrayRef kinds, at::IntArrayRef params, at::ArrayRef<double> eps,
+    const c10::List<std::optional<at::Tensor>>& tensors, int64_t unit_kind, int64_t unit_op,
+    int64_t k0, const at::Tensor& values, const at::Tensor& batches) {
+  return sweep(kCpu, x, z, param, target, kinds, params, eps, tensors, unit_kind, unit_op, k0,
+               values, batches);
 }
 
 void fused_set_weight_cpu(const at::Tensor& x, at::Tensor& z, at::Tensor& param,
                           at::IntArrayRef kinds, at::IntArrayRef params, at::ArrayRef<double> eps,
                           const c10::List<std::optional<at::Tensor>>& tensors, int64_t unit_kind,
                           int64_t unit_op, int64_t k, double value) {
-  const Sweep s = make_sweep(x, z, param, at::Tensor(), kinds, params, eps, tensors, unit_kind,
-                             unit_op);
-  TORCH_CHECK(k >= 0 && k < param.numel(), "fused_set_weight: weight index k=", k,
-              " outside the parameter's ", param.numel(), " entries");
-  AT_DISPATCH_FLOATING_TYPES(param.scalar_type(), "fused_set_weight", [&] {
-    scalar_t* p = param.mutable_data_ptr<scalar_t>();
-    const scalar_t v = static_cast<scalar_t>(value);
-    const scalar_t old = p[k];
-    p[k] = v;
-    apply_move<scalar_t>(s, site_of(s, k), static_cast<scalar_t>(v - old));
-  });
+  set_weight(kCpu, x, z, param, kinds, params, eps, tensors, unit_kind, unit_op, k, value);
 }
 
 }  // namespace
@@ -453,4 +554,5 @@ TORCH_LIBRARY_IMPL(rso_ext, CPU, m) {
   m.impl("fused_set_weight", &fused_set_weight_cpu);
 }
 
+}  // namespace fused
 }  // namespace rso

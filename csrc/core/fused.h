@@ -1,0 +1,114 @@
+// The fused candidate evaluation, shared by the CPU (fused.cpp) and CUDA (fused_cuda.cpp)
+// kernels of rso_ext::fused_candidate_losses / fused_sweep / fused_set_weight (schemas in
+// csrc/ops.cpp; DESIGN.md section 2).
+//
+// One device-generic implementation: argument checks, the program passes (ATen, which run on
+// any device) and the sweep loop live in fused.cpp; a `Backend` supplies the few steps that
+// are hand-written per device: the perturbed channel of the K candidates, the Z_d update,
+// the O(B) logits-layer losses, the loss reduction, and choose-and-update. On CUDA none of
+// them synchronises with the host: the only read-backs are the argument checks, once per call.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <ATen/core/List.h>
+
+#include <optional>
+#include <tuple>
+
+#include "program.h"
+
+namespace rso {
+namespace fused {
+
+enum class UnitKind : int64_t { Weight = 0, Bias = 1, Gamma = 2, Beta = 3 };
+
+// One call's view of the sweep: the caches, the swept parameter and the layer geometry.
+struct Sweep {
+  at::Tensor x, z, param, target;
+  Program prog;
+  UnitKind kind;
+  int64_t unit_op;
+  bool conv;                   // the swept layer is a Conv2d (else Linear)
+  int64_t cin, h, w;           // input channels (features for Linear) and spatial size
+  int64_t cout, ho, wo;        // output channels and spatial size
+  int64_t kh = 1, kw = 1, sh = 1, sw = 1, ph = 0, pw = 0;
+  int64_t classes = 0;         // width of the program's output (the logits)
+};
+
+// Where flat index k of the unit's parameter sits: output unit o, input channel c, tap.
+struct Site {
+  int64_t o, c = 0, ky = 0, kx = 0;
+};
+
+Site site_of(const Sweep& s, int64_t k);
+
+// The device-specific steps. Tensors are on the caches' device; `idx` is a contiguous int64
+// vector of pool indices already checked by check_batches.
+class Backend {
+ public:
+  virtual ~Backend() = default;
+
+  // Checks a call's minibatch indices `idx` (any shape; `what` names the argument): int64,
+  // on the caches' device, inside the pool. The CUDA backend also checks their labels here
+  // (its loss kernels do not), with one read-back per call.
+  virtual void check_batches(const Sweep& s, const at::Tensor& idx, const char* what) const = 0;
+
+  // out [K*B, 1, ho, wo] (contiguous): channel st.o of z[idx] as it would be with entry k of
+  // the unit's parameter set to vals[j], j < K; the entry's current value is read where it
+  // lives (on the device for CUDA).
+  virtual void channel_candidates(const Sweep& s, const Site& st, int64_t k,
+                                  const at::Tensor& vals, int64_t K, const at::Tensor& idx,
+                                  const at::Tensor& out) const = 0;
+
+  // float64 [K]: the summed losses when the swept layer gives the logits and only logit o
+  // moves, to cand [K*B] (contiguous).
+  virtual at::Tensor logits_layer_losses(const Sweep& s, int64_t o, const at::Tensor& cand,
+                                         int64_t K, const at::Tensor& idx) const = 0;
+
+  // float64 [K]: sum_b cross_entropy(logits[k, b], target[b]) for logits [K, B, classes].
+  virtual at::Tensor cross_entropy(const Sweep& s, const at::Tensor& logits,
+                                   const at::Tensor& target) const = 0;
+
+  // The state of one fused_sweep call. chosen [m] int64 (-2 = not visited) and losses
+  // [m, K] float64 (NaN where not visited) on the caches' device; scratch is the
+  // backend's own (CUDA: the device-side move and stop flag).
+  struct SweepCall {
+    at::Tensor chosen, losses;
+    at::Tensor delta, stopped;
+  };
+  virtual void begin_sweep(const Sweep& s, SweepCall& call) const = 0;
+
+  // Step i of the call (weight k) after its losses l [K] were evaluated: record the losses,
+  // choose (math::sweep_decision), write entry k and keep z exact. Returns false when the
+  // host knows the call must stop here (CPU: candidate 0's loss was not finite); the CUDA
+  // backend never stops the host loop: it turns the remaining steps into no-ops on the device.
+  virtual bool step(const Sweep& s, SweepCall& call, int64_t i, int64_t k, const at::Tensor& l,
+                    const at::Tensor& vals_row) const = 0;
+
+  // Writes entry k of the unit's parameter and keeps z exact.
+  virtual void set_weight(const Sweep& s, int64_t k, double value) const = 0;
+};
+
+// The three operators over a backend (fused.cpp).
+at::Tensor candidate_losses(const Backend& be, const at::Tensor& x, const at::Tensor& z,
+                            const at::Tensor& param, const at::Tensor& target,
+                            at::IntArrayRef kinds, at::IntArrayRef params,
+                            at::ArrayRef<double> eps,
+                            const c10::List<std::optional<at::Tensor>>& tensors,
+                            int64_t unit_kind, int64_t unit_op, int64_t k,
+                            const at::Tensor& values, const at::Tensor& batch);
+
+std::tuple<at::Tensor, at::Tensor> sweep(
+    const Backend& be, const at::Tensor& x, at::Tensor& z, at::Tensor& param,
+    const at::Tensor& target, at::IntArrayRef kinds, at::IntArrayRef params,
+    at::ArrayRef<double> eps, const c10::List<std::optional<at::Tensor>>& tensors,
+    int64_t unit_kind, int64_t unit_op, int64_t k0, const at::Tensor& values,
+    const at::Tensor& batches);
+
+void set_weight(const Backend& be, const at::Tensor& x, at::Tensor& z, at::Tensor& param,
+                at::IntArrayRef kinds, at::IntArrayRef params, at::ArrayRef<double> eps,
+                const c10::List<std::optional<at::Tensor>>& tensors, int64_t unit_kind,
+                int64_t unit_op, int64_t k, double value);
+
+}  // namespace fused
+}  // namespace rso
