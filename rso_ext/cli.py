@@ -6,13 +6,16 @@ import json
 import os
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Sequence
 
 import torch
 
-from . import checkpoint, data, metrics, models
+from . import checkpoint, data, memory, metrics, models
+from .methods import METHODS, from_config
 from .rso import BACKENDS, RSO
+from .sweep import NonFiniteLossError
 from .streams import SAMPLERS
 
 CONFIG = "config.json"
@@ -25,7 +28,9 @@ RESULT = "result.json"
 DEFAULTS = dict(model="paper_mnist", data="mnist", data_root=None, download=False, cycles=1,
                 batch_size=64, train_size=None, val_size=1000, normalize="mean",
                 sampler="shuffle", alpha=0.1, weight_decay=1e-4, sigma="he", sample_scale=1.0,
-                calib_size=2000, device="cpu", backend="torch", seed=0, threads=None)
+                calib_size=2000, device="cpu", backend="auto", pool_size=None, seed=0, threads=None,
+                method="rso", generations=None, population=None, noise=None, lr=None,
+                temperature=None, sparsity=None, params=None)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -55,9 +60,29 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--sample-scale", type=float, default=DEFAULTS["sample_scale"])
     t.add_argument("--calib-size", type=_positive_int, default=DEFAULTS["calib_size"])
     t.add_argument("--device", choices=["cpu", "cuda"], default=DEFAULTS["device"])
-    t.add_argument("--backend", choices=BACKENDS, default=DEFAULTS["backend"])
+    t.add_argument("--backend", choices=BACKENDS, default=DEFAULTS["backend"],
+                   help="fused: the compiled evaluation; torch: the pure-PyTorch reference; "
+                        "auto: fused when the model can be lowered")
+    t.add_argument("--pool-size", type=_positive_int, default=None,
+                   help="search each unit on this many training samples drawn afresh "
+                        "(bounds the caches' memory; default: the whole training set)")
     t.add_argument("--seed", type=int, default=DEFAULTS["seed"])
     t.add_argument("--threads", type=_positive_int, default=None, help="torch CPU threads")
+    t.add_argument("--method", choices=sorted(METHODS), default=DEFAULTS["method"],
+                   help="rso (default), sa (simulated annealing), ticket (lottery-ticket mask "
+                        "search), es (evolution strategy), ga (genetic algorithm), dfo "
+                        "(nevergrad on --params); see rso_ext.methods")
+    m = t.add_argument_group("method options (default: the method's own)")
+    m.add_argument("--generations", type=_positive_int, default=None,
+                   help="es/ga/dfo: generations per cycle")
+    m.add_argument("--population", type=_positive_int, default=None, help="es/ga/dfo")
+    m.add_argument("--noise", type=float, default=None,
+                   help="es/ga/dfo: perturbation / mutation std")
+    m.add_argument("--lr", type=float, default=None, help="es: step size")
+    m.add_argument("--temperature", type=float, default=None, help="sa: first temperature")
+    m.add_argument("--sparsity", type=float, default=None, help="ticket: target sparsity")
+    m.add_argument("--params", default=None,
+                   help="es/ga/dfo: parameters searched (all, bn, last, bn+last)")
     t.add_argument("--out", default=None, help="run folder (default: runs/<model>-<time>)")
     t.add_argument("--resume", metavar="RUN_DIR", default=None,
                    help="continue the run in RUN_DIR exactly where it stopped")
@@ -103,10 +128,12 @@ def _build(cfg: dict[str, Any], device: str) -> RSO:
         raise SystemExit("error: --device cuda was asked for but torch sees no CUDA GPU")
     gen = torch.Generator().manual_seed(cfg["seed"])
     model = models.get_model(cfg["model"], generator=gen).to(device)
+    if cfg.get("method", "rso") != "rso":
+        return from_config(cfg, model, gen)
     return RSO(model, cycles=cfg["cycles"], batch_size=cfg["batch_size"], alpha=cfg["alpha"],
                weight_decay=cfg["weight_decay"], sampler=cfg["sampler"], sigma=cfg["sigma"],
                sample_scale=cfg["sample_scale"], calib_size=cfg["calib_size"], generator=gen,
-               backend=cfg["backend"])
+               backend=cfg["backend"], pool_size=cfg.get("pool_size"))
 
 
 def _append_lines(path: Path, records: Sequence[dict]) -> None:
@@ -126,6 +153,34 @@ def _truncate_lines(path: Path, keep: int) -> None:
         checkpoint.atomic_write_bytes(path, "".join(lines[:keep]).encode())
 
 
+def _read_config(run_dir: Path) -> dict[str, Any]:
+    """The run's config.json, or an error naming the file."""
+    path = run_dir / CONFIG
+    try:
+        cfg = json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path} is not a readable run config ({e})") from None
+    missing = [k for k in ("model", "data", "cycles", "batch_size", "seed") if k not in cfg] \
+        if isinstance(cfg, dict) else ["(not a JSON object)"]
+    if missing:
+        raise ValueError(f"{path} is not a run config: missing {missing}")
+    return cfg
+
+
+def _load_latest(run_dir: Path, map_location: Any = "cpu"):
+    """(checkpoint, file) of the newest good checkpoint of ``run_dir`` (None if there is none);
+    a fallback to the previous one is reported on stderr."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", checkpoint.CheckpointWarning)
+        found = checkpoint.load_latest(run_dir / CKPT, map_location=map_location)
+    for w in caught:
+        if issubclass(w.category, checkpoint.CheckpointWarning):
+            print(f"warning: {w.message}", file=sys.stderr, flush=True)
+        else:
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    return found
+
+
 def _count_lines(path: Path) -> int:
     return len(path.read_text().splitlines()) if path.exists() else 0
 
@@ -141,6 +196,17 @@ def _evaluate(rso: RSO, splits: data.Splits) -> dict[str, float]:
     return out
 
 
+def _stop_note(sweeps, rso: RSO, run_dir: Path):
+    """``sweeps`` as they come; a non-finite loss is re-raised saying which checkpoint is kept."""
+    try:
+        yield from sweeps
+    except NonFiniteLossError as e:
+        raise NonFiniteLossError(
+            f"{e}. Training stopped; the last good checkpoint is kept: {run_dir / CKPT} "
+            f"(cycle {rso.cycle + 1}, unit {rso.unit + 1}) with {_count_lines(run_dir / METRICS)} "
+            f"lines of {METRICS}") from None
+
+
 # -- commands -----------------------------------------------------------------------------------
 def train(args: argparse.Namespace) -> int:
     if args.resume:
@@ -148,27 +214,44 @@ def train(args: argparse.Namespace) -> int:
         cfg_path = run_dir / CONFIG
         if not cfg_path.exists():
             raise SystemExit(f"error: --resume {run_dir}: no {CONFIG} there (not a run folder)")
-        cfg = json.loads(cfg_path.read_text())
+        cfg = _read_config(run_dir)
     else:
         cfg = {k: getattr(args, k) for k in DEFAULTS}
         run_dir = Path(args.out or f"runs/{cfg['model']}-{time.strftime('%Y%m%d-%H%M%S')}")
         if (run_dir / CONFIG).exists():
             raise SystemExit(f"error: {run_dir} already holds a run; use --resume {run_dir} "
                              "to continue it or choose another --out")
-        run_dir.mkdir(parents=True, exist_ok=True)
+        if run_dir.exists() and not run_dir.is_dir():
+            raise SystemExit(f"error: --out {run_dir} is a file, not a folder")
     if cfg["threads"]:
         torch.set_num_threads(cfg["threads"])
+    # everything that can be refused (data, arguments, model, memory) is, before any file is made
     splits = _load_data(cfg)
     rso = _build(cfg, cfg["device"])
+    if hasattr(rso, "check"):
+        rso.check(splits.train_x, splits.train_y)
     metrics_path, ckpt_path = run_dir / METRICS, run_dir / CKPT
     elapsed = 0.0
-    if args.resume and ckpt_path.exists():
-        ck = checkpoint.load(ckpt_path)
-        rso.load_state_dict(ck["rso"])
-        _truncate_lines(metrics_path, ck["metrics_lines"])
-        elapsed = ck["elapsed"]
-        print(f"resuming {run_dir} at cycle {rso.cycle + 1}, unit {rso.unit + 1}", flush=True)
-    elif not args.resume:
+    if args.resume:
+        for stale in run_dir.glob(".*.tmp*"):        # left by a write that was killed
+            stale.unlink(missing_ok=True)
+        found = _load_latest(run_dir)
+        if found is None:                             # killed before the first checkpoint
+            _truncate_lines(metrics_path, 0)
+        else:
+            ck, src = found
+            rso.load_state_dict(ck["rso"])
+            have = _count_lines(metrics_path)
+            if have < ck["metrics_lines"]:
+                raise checkpoint.CheckpointError(
+                    f"{metrics_path} has {have} lines but {src} records {ck['metrics_lines']}: "
+                    "the metrics file was truncated or replaced after that checkpoint")
+            _truncate_lines(metrics_path, ck["metrics_lines"])
+            elapsed = ck["elapsed"]
+            print(f"resuming {run_dir} at cycle {rso.cycle + 1}, unit {rso.unit + 1} "
+                  f"(from {src.name})", flush=True)
+    else:
+        run_dir.mkdir(parents=True, exist_ok=True)
         checkpoint.atomic_write_bytes(run_dir / CONFIG, json.dumps(cfg, indent=2).encode())
         metrics_path.unlink(missing_ok=True)
     print(f"run folder: {run_dir}\ntraining {cfg['model']} on {len(splits.train_x)} "
@@ -176,7 +259,8 @@ def train(args: argparse.Namespace) -> int:
           f"backend={cfg['backend']}, device={cfg['device']}", flush=True)
 
     t_start = time.perf_counter() - elapsed
-    for stats in rso.run(splits.train_x, splits.train_y, progress=not args.no_progress):
+    for stats in _stop_note(rso.run(splits.train_x, splits.train_y,
+                                    progress=not args.no_progress), rso, run_dir):
         records = [dict(type="sweep", **stats.as_dict())]
         if stats.cycle_done:
             ev = _evaluate(rso, splits)
@@ -190,7 +274,8 @@ def train(args: argparse.Namespace) -> int:
         checkpoint.save({"rso": rso.state_dict(), "metrics_lines": _count_lines(metrics_path),
                          "elapsed": time.perf_counter() - t_start}, ckpt_path)
 
-    result = dict(model=cfg["model"], data=cfg["data"], cycles=cfg["cycles"],
+    result = dict(model=cfg["model"], method=cfg.get("method", "rso"), data=cfg["data"],
+                  cycles=cfg["cycles"],
                   batch_size=cfg["batch_size"], train_size=len(splits.train_x),
                   seconds=time.perf_counter() - t_start, **_evaluate(rso, splits))
     checkpoint.atomic_write_bytes(run_dir / RESULT, json.dumps(result, indent=2).encode())
@@ -203,12 +288,14 @@ def evaluate_run(args: argparse.Namespace) -> int:
     run_dir = Path(args.run_dir)
     if not (run_dir / CONFIG).exists():
         raise SystemExit(f"error: {run_dir} is not a run folder (no {CONFIG})")
-    cfg = json.loads((run_dir / CONFIG).read_text())
+    cfg = _read_config(run_dir)
     device = args.device or cfg["device"]
     splits = _load_data(cfg)
     rso = _build(cfg, device)
-    ck = checkpoint.load(run_dir / CKPT, map_location=device)
-    rso.load_state_dict(ck["rso"])
+    found = _load_latest(run_dir, map_location=device)
+    if found is None:
+        raise checkpoint.CheckpointError(f"{run_dir} holds no checkpoint yet ({CKPT})")
+    rso.load_state_dict(found[0]["rso"])
     out = dict(cycle=rso.cycle, unit=rso.unit, **_evaluate(rso, splits))
     print(json.dumps(out, indent=2))
     return 0
@@ -252,6 +339,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return {"train": train, "eval": evaluate_run, "plot": plot}[args.command](args)
-    except (ValueError, TypeError, FileNotFoundError, checkpoint.CheckpointError) as e:
+    except (ValueError, TypeError, OSError, checkpoint.CheckpointError, NonFiniteLossError,
+            memory.InsufficientMemoryError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

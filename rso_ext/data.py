@@ -10,6 +10,7 @@ import http.client
 import os
 import tempfile
 import urllib.request
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Sequence
@@ -92,7 +93,7 @@ def read_idx(path: str | os.PathLike) -> torch.Tensor:
     if data[:2] == _GZIP_MAGIC:
         try:
             data = gzip.decompress(data)
-        except (OSError, EOFError) as e:
+        except (OSError, EOFError, zlib.error) as e:
             raise ValueError(f"{path}: corrupt or truncated gzip stream ({e})") from None
     if len(data) < 4 or data[0] != 0 or data[1] != 0 or not 1 <= data[3] <= 4:
         raise ValueError(
@@ -198,7 +199,7 @@ def _md5_of_content(path: Path) -> str:
 def _valid(path: Path, md5: str) -> bool:
     try:
         return path.is_file() and _md5_of_content(path) == md5
-    except (OSError, EOFError):
+    except (OSError, EOFError, zlib.error):
         return False
 
 
@@ -252,7 +253,7 @@ def _fetch(url: str, dest: Path, md5: str, timeout: float) -> str | None:
             return f"connection closed after {got} of {length} bytes"
         try:
             actual = _md5_of_content(Path(tmp))
-        except (OSError, EOFError) as e:
+        except (OSError, EOFError, zlib.error) as e:
             return f"corrupt download ({e})"
         if actual != md5:
             return f"md5 mismatch for {dest.name}: expected {md5}, got {actual}"
@@ -378,8 +379,17 @@ def from_dataset(ds: Iterable, limit: int | None = None) -> tuple[torch.Tensor, 
 
 
 def check_data(x: torch.Tensor, y: torch.Tensor, num_classes: int | None = None, name: str = "data") -> None:
-    """Raise ValueError if x/y are empty, differ in length, y is not integer, labels are out of range,
-    or x holds NaN/Inf."""
+    """Raise ValueError if x/y are not tensors of samples ([N, ...] and [N]), are empty, differ in
+    length, y is not integer, labels are out of range, or x holds NaN/Inf."""
+    for arg, t in (("x", x), ("y", y)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name}: {arg} must be a torch.Tensor, got {type(t).__name__}")
+    if x.dim() < 2:
+        raise ValueError(f"{name}: x must have a sample dimension and a feature dimension "
+                         f"([N, ...]), got shape {tuple(x.shape)}")
+    if y.dim() != 1:
+        raise ValueError(f"{name}: labels y must be 1-D [N] class indices, got shape "
+                         f"{tuple(y.shape)}")
     if len(x) == 0 or len(y) == 0:
         raise ValueError(f"{name}: empty (x has {len(x)} samples, y has {len(y)})")
     if len(x) != len(y):

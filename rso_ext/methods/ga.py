@@ -1,0 +1,114 @@
+"""Genetic algorithm over the whole network (truncation selection, elitism, Gaussian mutation;
+the "deep GA" of Such et al. 2017 without crossover).
+
+The population is a ``[P, D]`` tensor of flat parameter vectors on the model's device. It starts
+as the model's parameters ``theta0`` (member 0) and ``P - 1`` mutants ``theta0 + sigma * randn``.
+One generation:
+
+1. the minibatch: ``draw_batch`` (first ``batch_size`` entries of ``randperm(N)``);
+2. every member's summed float64 cross-entropy on it, in one batched forward;
+3. members sorted by loss (ties by index); the best one is written into the model;
+4. the ``elite`` best members pass unchanged; the other ``P - elite`` slots are children: a parent
+   drawn uniformly among the ``parents`` best (``randint``), plus ``sigma * randn(P - elite, D)``.
+
+Draws, from the one CPU generator: the initial mutants' noise (first generation only), then per
+generation the minibatch, the parent choices, the children's noise. The elites are re-evaluated on
+every new minibatch. :class:`rso_ext.optim.GeneticAlgorithm` uses the same functions.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import nn
+
+from .base import PopulationMethod, check_range, draw_batch
+
+
+def initial_population(theta: torch.Tensor, population: int, sigma: float,
+                       generator: torch.Generator) -> torch.Tensor:
+    """``[population, D]``: ``theta`` and ``population - 1`` mutants of it."""
+    noise = torch.randn(population - 1, len(theta), generator=generator)
+    noise = noise.to(theta.device, theta.dtype)
+    return torch.cat([theta.unsqueeze(0), theta.unsqueeze(0) + sigma * noise])
+
+
+def next_generation(pop: torch.Tensor, losses: torch.Tensor, elite: int, parents: int,
+                    sigma: float, generator: torch.Generator) -> tuple[torch.Tensor, int]:
+    """The next population and the index (in ``pop``) of the best member of this one."""
+    order = torch.argsort(losses.double().cpu(), stable=True)
+    n_children = len(pop) - elite
+    pick = order[torch.randint(0, parents, (n_children,), generator=generator)]
+    noise = torch.randn(n_children, pop.shape[1], generator=generator).to(pop.device, pop.dtype)
+    children = pop[pick.to(pop.device)] + sigma * noise
+    return torch.cat([pop[order[:elite].to(pop.device)], children]), int(order[0])
+
+
+def default_parents(population: int) -> int:
+    """The truncation size when none is given: a fifth of the population (at least 1)."""
+    return max(1, population // 5) if isinstance(population, int) else population
+
+
+def check_ga(population: int, elite: int, parents: int, sigma: float) -> None:
+    if not isinstance(population, int) or population < 2:
+        raise ValueError(f"population must be an int >= 2, got {population!r}")
+    if not isinstance(elite, int) or not 0 <= elite < population:
+        raise ValueError(f"elite must be an int in [0, population={population}), got {elite!r}")
+    if not isinstance(parents, int) or not 1 <= parents <= population:
+        raise ValueError(f"parents must be an int in [1, population={population}], got "
+                         f"{parents!r}")
+    check_range("sigma", sigma, 0.0, lo_open=True)
+
+
+class GeneticAlgorithm(PopulationMethod):
+    """Truncation-selection GA with elitism and Gaussian mutation over the selected parameters.
+
+    Args:
+        population: members per generation (>= 2); elite: best members kept unchanged
+            (0 <= elite < population); parents: the truncation size (1..population; default
+            ``population // 5``).
+        sigma: mutation standard deviation (absolute, in weight units).
+        cycles, generations, batch_size, params, calib_size, generator, vectorize: as for
+            :class:`rso_ext.methods.EvolutionStrategy`.
+    """
+
+    method = "ga"
+
+    def __init__(self, model: nn.Module, *, cycles: int = 10, generations: int = 50,
+                 batch_size: int = 256, population: int = 50, elite: int = 1,
+                 parents: Optional[int] = None, sigma: float = 0.01, params="all",
+                 calib_size: int = 2000,
+                 generator: Optional[torch.Generator] = None, vectorize: bool = True) -> None:
+        parents = default_parents(population) if parents is None else parents
+        check_ga(population, elite, parents, sigma)
+        super().__init__(model, cycles=cycles, generations=generations, batch_size=batch_size,
+                         population=population, params=params, calib_size=calib_size,
+                         generator=generator, vectorize=vectorize, elite=elite,
+                         parents=parents, sigma=sigma)
+        self.population: Optional[torch.Tensor] = None
+
+    def _init_search(self) -> None:
+        h = self.hparams
+        self.population = initial_population(self.theta(), h["population"], h["sigma"],
+                                             self.generator)
+
+    def _generation(self, x, y):
+        h = self.hparams
+        idx = draw_batch(self.generator, len(x), h["batch_size"]).to(x.device)
+        losses = self.loss(self.population, x[idx], y[idx])
+        pop, best = next_generation(self.population, losses, h["elite"], h["parents"],
+                                    h["sigma"], self.generator)
+        self.write(self.population[best])
+        self.population = pop
+        b = h["batch_size"]
+        return float(losses.mean()) / b, float(losses.min()) / b, h["sigma"]
+
+    def _search_state(self):
+        return {"population": self.population.clone()}
+
+    def _load_search_state(self, state):
+        self.population = state["population"].to(self.device)
+
+
+__all__ = ["GeneticAlgorithm", "initial_population", "next_generation", "check_ga",
+           "default_parents"]

@@ -1,0 +1,420 @@
+"""``torch.optim``-style forms of the gradient-free methods, for any model (the generic path).
+
+::
+
+    opt = rso_ext.optim.TicketFinder(model.parameters(), sparsity=0.5, cycles=5,
+                                     pool_size=len(x), batch_size=256)
+
+    def closure(idx):                       # no backward: the loss of the current parameters
+        return F.cross_entropy(model(x[idx]), y[idx], reduction="sum")
+
+    for _ in range(5):
+        opt.step(closure)
+
+**The closure contract.** ``step(closure)`` calls the closure many times, each time with the
+parameters set to one candidate, under ``torch.no_grad()``; the closure returns the loss (a scalar
+tensor or a float; lower is better) and must not call ``backward``. With ``pool_size=N`` (the size
+of the training set) and ``batch_size=B`` given, the optimizer draws the minibatches from its own
+generator exactly as the class forms of :mod:`rso_ext.methods` do and calls ``closure(idx)`` with
+an int64 CPU tensor of ``B`` indices into the training set. Without ``pool_size`` it calls
+``closure()`` and the closure must use the same data for every call of one step.
+
+**What one step is.** For the per-weight methods (:class:`RandomSearch`,
+:class:`SimulatedAnnealing`, :class:`TicketFinder`) one step is one sweep: every parameter
+tensor in the order given (param groups in order, then their parameters), every entry in row-major
+order, with the streams of
+:mod:`rso_ext.streams` drawn up front per tensor (SA's acceptance uniforms right after); ``cycles``
+sets the length of the annealing and sparsity schedules (step ``s`` is cycle ``s``). For
+:class:`EvolutionStrategy` and :class:`GeneticAlgorithm` one step is one generation over the
+concatenation of all parameters (hyperparameters are read from the first param group).
+
+**Matching the class forms.** The same functions decide in both forms, and the random draws come in
+the same order, so on the same seed (and ``pool_size`` = the training-set size) the optimizer and
+class forms reach the same weights wherever the loss margins exceed float noise: pass the
+parameters in the class form's order (``visiting_order(model, sample)`` for the per-weight
+methods, which visit layers last to first; ``model.parameters()`` for ES/GA, whose vector follows
+``named_parameters``) and let the closure return the summed cross-entropy in float64. The per-weight
+class forms put BatchNorm layers in search mode (running statistics upstream of the swept layer),
+which a closure cannot know about: their forms agree on models without BatchNorm. The ES/GA
+class forms use minibatch statistics everywhere, as a model in train mode does.
+
+State: ``state_dict()`` holds torch's usual entries plus ``"rso_ext"`` (generator state, step
+count, per-parameter search state such as masks and initial weights, ES moments, GA population);
+``load_state_dict`` restores them, so a resumed optimizer continues the same sequence.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, Dict, Iterable, List, Optional
+
+import torch
+from torch import nn
+
+from . import schedule
+from .methods.base import check_choice, check_range, draw_batch
+from .methods.es import OPTIMIZERS, draw_noise, es_direction, es_update
+from .methods.ga import check_ga, default_parents, initial_population, next_generation
+from .methods.sa import SCHEDULES as SA_SCHEDULES
+from .methods.sa import sa_loop, temperature
+from .methods.ticket import INITS, SCHEDULES as TICKET_SCHEDULES
+from .methods.ticket import kept_cap, signed_constant_, target_sparsity, ticket_loop
+from .streams import SAMPLERS, SweepStreams
+from .sweep import TorchSweeper
+from .visit import MIXING, visit_units
+
+__all__ = ["RandomSearch", "SimulatedAnnealing", "TicketFinder", "EvolutionStrategy",
+           "GeneticAlgorithm", "visiting_order"]
+
+
+def visiting_order(model: nn.Module, sample: torch.Tensor, weights_only: bool = False
+                   ) -> List[nn.Parameter]:
+    """``model``'s parameters in the visiting order of the per-weight class forms (layers last to
+    first, see :mod:`rso_ext.visit`); ``weights_only`` keeps conv/linear weights (what
+    :class:`rso_ext.methods.TicketFinder` visits)."""
+    units = visit_units(model, sample)
+    if weights_only:
+        units = [u for u in units if isinstance(u.module, MIXING) and u.param_name == "weight"]
+    return [u.param for u in units]
+
+
+class _ParamUnit:
+    """What the weight loops need of a :class:`rso_ext.visit.Unit`."""
+
+    def __init__(self, param: torch.Tensor, name: str) -> None:
+        self.param, self.name = param, name
+
+
+class _ClosureEvaluator:
+    """Candidate evaluator (``losses``/``set``) that calls the closure once per candidate."""
+
+    def __init__(self, param: torch.Tensor, call: Callable[[Optional[torch.Tensor]], float]):
+        self.param, self.call = param, call
+
+    def begin(self, unit, x) -> None:
+        pass
+
+    def losses(self, k: int, values: torch.Tensor, idx, target=None) -> torch.Tensor:
+        flat = self.param.data.view(-1)
+        out = []
+        for v in values:
+            flat[k] = v
+            out.append(self.call(idx))
+        return torch.tensor(out, dtype=torch.float64)
+
+    def set(self, k: int, value: torch.Tensor) -> None:
+        self.param.data.view(-1)[k] = value
+
+    def end(self) -> None:
+        pass
+
+
+class _GradientFree(torch.optim.Optimizer):
+    """Shared parts: the generator, the closure contract, the extra state."""
+
+    def __init__(self, params, defaults: Dict[str, Any], pool_size: Optional[int],
+                 batch_size: Optional[int], generator: Optional[torch.Generator]) -> None:
+        if (pool_size is None) != (batch_size is None):
+            raise ValueError("pool_size and batch_size go together: give both (the closure gets "
+                             "minibatch indices) or neither (the closure takes no argument)")
+        if pool_size is not None:
+            if not isinstance(pool_size, int) or pool_size < 1:
+                raise ValueError(f"pool_size must be an int >= 1, got {pool_size!r}")
+            if not isinstance(batch_size, int) or not 1 <= batch_size <= pool_size:
+                raise ValueError(f"batch_size must be an int in [1, pool_size={pool_size}], got "
+                                 f"{batch_size!r}")
+        if generator is not None and generator.device.type != "cpu":
+            raise ValueError(f"generator must be a CPU torch.Generator, got one on "
+                             f"{generator.device}")
+        super().__init__(params, defaults)
+        self.pool_size, self.batch_size = pool_size, batch_size
+        self.generator = generator if generator is not None else torch.Generator().manual_seed(0)
+        self.steps = 0
+        self.extra: Dict[str, Any] = {}
+
+    def _params(self) -> List[torch.Tensor]:
+        return [p for g in self.param_groups for p in g["params"]]
+
+    def _caller(self, closure) -> Callable[[Optional[torch.Tensor]], float]:
+        if closure is None:
+            raise ValueError(f"{type(self).__name__}.step needs a closure that returns the loss "
+                             "(no backward)")
+        with_idx = self.pool_size is not None
+
+        def call(idx):
+            with torch.no_grad():
+                loss = closure(idx) if with_idx else closure()
+            return float(loss)
+        return call
+
+    def _batch(self) -> Optional[torch.Tensor]:
+        if self.pool_size is None:
+            return None
+        return draw_batch(self.generator, self.pool_size, self.batch_size)
+
+    def state_dict(self) -> Dict[str, Any]:
+        sd = super().state_dict()
+        sd["rso_ext"] = {"generator": self.generator.get_state(), "steps": self.steps,
+                         "extra": _clone(self.extra)}
+        return sd
+
+    def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
+        state_dict = dict(state_dict)
+        ours = state_dict.pop("rso_ext", None)
+        if ours is None:
+            raise ValueError(f"not a {type(self).__name__} state dict: no 'rso_ext' entry")
+        super().load_state_dict(state_dict)
+        self.generator.set_state(ours["generator"])
+        self.steps = int(ours["steps"])
+        dev = self._params()[0].device
+        self.extra = _clone(ours["extra"], dev)
+
+
+def _clone(obj, device=None):
+    if torch.is_tensor(obj):
+        t = obj.clone()
+        return t if device is None or t.dtype == torch.bool else t.to(device)
+    if isinstance(obj, dict):
+        return {k: _clone(v, device) for k, v in obj.items()}
+    return obj
+
+
+# -- per-weight methods ----------------------------------------------------------------------------
+class _PerWeight(_GradientFree):
+    def __init__(self, params, defaults, cycles, sampler, pool_size, batch_size, generator):
+        if not isinstance(cycles, int) or cycles < 1:
+            raise ValueError(f"cycles must be an int >= 1, got {cycles!r}")
+        check_choice("sampler", sampler, SAMPLERS)
+        defaults = dict(defaults, cycles=cycles, sampler=sampler)
+        super().__init__(params, defaults, pool_size, batch_size, generator)
+
+    @property
+    def cycle(self) -> int:
+        return min(self.steps, self.param_groups[0]["cycles"] - 1)
+
+    def _streams(self, p: torch.Tensor, sigma: float, sampler: str) -> SweepStreams:
+        pool = self.pool_size or 1
+        return SweepStreams.draw(self.generator, p.numel(), sigma, pool, self.batch_size or 1,
+                                 sampler)
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        call = self._caller(closure)
+        accepted = 0
+        i = 0
+        for group in self.param_groups:
+            for p in group["params"]:
+                accepted += self._sweep(i, p, group, call)
+                i += 1
+        self.steps += 1
+        return accepted
+
+
+def _sigma0(p: torch.Tensor, sigma, sample_scale: float, bn_sigma: float) -> float:
+    if not isinstance(sigma, str):
+        return float(sigma)
+    if p.dim() > 1:
+        return math.sqrt(2.0 / p[0].numel()) * sample_scale
+    return bn_sigma
+
+
+class RandomSearch(_PerWeight):
+    """RSO as an optimizer: each weight tries ``{w', w'+d, w'-d}`` (``w' = w (1 - weight_decay)``,
+    ``d ~ N(0, sigma)`` annealed linearly to ``alpha * sigma`` over ``cycles``) and keeps the
+    lowest loss, ties keeping ``w'``: :class:`rso_ext.sweep.TorchSweeper` on the closure.
+
+    ``sigma="he"``: ``sqrt(2 / fan_in) * sample_scale`` for tensors of 2 or more dimensions,
+    ``bn_sigma`` for 1-D tensors (BatchNorm gamma/beta, biases); or a float for every tensor."""
+
+    def __init__(self, params: Iterable, *, cycles: int = 50, alpha: float = 0.1,
+                 weight_decay: float = 1e-4, sigma="he", sample_scale: float = 1.0,
+                 bn_sigma: float = schedule.BN_SIGMA, sampler: str = "shuffle",
+                 pool_size: Optional[int] = None, batch_size: Optional[int] = None,
+                 generator: Optional[torch.Generator] = None) -> None:
+        check_range("alpha", alpha, 0.0, 1.0)
+        check_range("weight_decay", weight_decay, 0.0, 1.0, hi_open=True)
+        if isinstance(sigma, str):
+            check_choice("sigma", sigma, ("he",))
+        else:
+            check_range("sigma", sigma, 0.0)
+        super().__init__(params, dict(alpha=alpha, weight_decay=weight_decay, sigma=sigma,
+                                      sample_scale=sample_scale, bn_sigma=bn_sigma),
+                         cycles, sampler, pool_size, batch_size, generator)
+
+    def _sweep(self, i, p, g, call) -> int:
+        s0 = _sigma0(p, g["sigma"], g["sample_scale"], g["bn_sigma"])
+        streams = self._streams(p, schedule.annealed(s0, self.cycle, g["cycles"], g["alpha"]),
+                                g["sampler"])
+        sweeper = TorchSweeper(_ParamUnit(p, f"param{i}"), _ClosureEvaluator(p, call))
+        sweeper.begin(torch.empty(0, device=p.device),
+                      torch.zeros(self.pool_size or 1, dtype=torch.int64))
+        try:
+            accepted, _ = sweeper.run(0, p.numel(), streams, 1.0 - g["weight_decay"])
+        finally:
+            sweeper.end()
+        return accepted
+
+
+class SimulatedAnnealing(RandomSearch):
+    """Simulated annealing as an optimizer (the rule of :mod:`rso_ext.methods.sa`): one proposal
+    ``w' + d`` per weight, accepted by Metropolis at temperature ``T_c`` (``t0`` -> ``t_final``
+    over ``cycles``) on the per-sample loss change. ``reduction`` says how the closure reduces over
+    the minibatch: ``"sum"`` (divided by ``batch_size`` here, as the class form does) or
+    ``"mean"``."""
+
+    def __init__(self, params: Iterable, *, t0: float = 1e-3, t_final: float = 1e-5,
+                 schedule: str = "exp", reduction: str = "mean", **kwargs: Any) -> None:
+        check_range("t0", t0, 0.0)
+        check_range("t_final", t_final, 0.0)
+        check_choice("schedule", schedule, SA_SCHEDULES)
+        check_choice("reduction", reduction, ("sum", "mean"))
+        if reduction == "sum" and kwargs.get("batch_size") is None:
+            raise ValueError("reduction='sum' needs batch_size (to turn sums into per-sample "
+                             "losses)")
+        super().__init__(params, **kwargs)
+        for g in self.param_groups:
+            g.setdefault("t0", t0)
+            g.setdefault("t_final", t_final)
+            g.setdefault("schedule", schedule)
+        self.defaults.update(t0=t0, t_final=t_final, schedule=schedule)
+        self.reduction = reduction
+
+    def _sweep(self, i, p, g, call) -> int:
+        s0 = _sigma0(p, g["sigma"], g["sample_scale"], g["bn_sigma"])
+        streams = self._streams(p, schedule.annealed(s0, self.cycle, g["cycles"], g["alpha"]),
+                                g["sampler"])
+        u = torch.rand(p.numel(), generator=self.generator, dtype=torch.float64)
+        temp = temperature(g["t0"], g["t_final"], self.cycle, g["cycles"], g["schedule"])
+        # sa_loop divides the loss change by the minibatch length: undo that for mean losses
+        scale = 1.0 if self.reduction == "sum" else float(self.batch_size or 1)
+
+        def scaled(idx):
+            return call(idx) * scale
+        accepted, _ = sa_loop(_ParamUnit(p, f"param{i}"), _ClosureEvaluator(p, scaled), None, 0,
+                              p.numel(), streams, 1.0 - g["weight_decay"], u, temp)
+        return accepted
+
+
+class TicketFinder(_PerWeight):
+    """Lottery-ticket mask search as an optimizer (the rule of :mod:`rso_ext.methods.ticket`):
+    the parameters keep their values at the first step (``init="model"``) or their signed
+    constants (``init="signed_constant"``); each entry is switched between that value and 0 by the
+    loss, with a cap of ``1 - s_c`` kept entries per tensor after each step (``sparsity``,
+    ``schedule`` over ``cycles``). Masks and initial values are in ``opt.masks()`` and the
+    state."""
+
+    def __init__(self, params: Iterable, *, sparsity: float = 0.5, cycles: int = 5,
+                 schedule: str = "constant", init: str = "model", sampler: str = "shuffle",
+                 pool_size: Optional[int] = None, batch_size: Optional[int] = None,
+                 generator: Optional[torch.Generator] = None) -> None:
+        check_range("sparsity", sparsity, 0.0, 1.0, hi_open=True)
+        check_choice("schedule", schedule, TICKET_SCHEDULES)
+        check_choice("init", init, INITS)
+        super().__init__(params, dict(sparsity=sparsity, schedule=schedule, init=init),
+                         cycles, sampler, pool_size, batch_size, generator)
+
+    def _sweep(self, i, p, g, call) -> int:
+        st = self.extra.setdefault(i, {})
+        if "w_init" not in st:
+            if g["init"] == "signed_constant":
+                signed_constant_(p.data)
+            st["w_init"] = p.detach().clone()
+            st["mask"] = torch.ones(p.numel(), dtype=torch.bool)
+        streams = self._streams(p, 0.0, g["sampler"])
+        cap = kept_cap(p.numel(), target_sparsity(g["sparsity"], self.cycle, g["cycles"],
+                                                  g["schedule"]))
+        flips, _, _ = ticket_loop(_ParamUnit(p, f"param{i}"), _ClosureEvaluator(p, call), None,
+                                  0, p.numel(), streams, st["w_init"].view(-1), st["mask"], cap)
+        return flips
+
+    def masks(self) -> List[Optional[torch.Tensor]]:
+        """The keep masks (bool, shaped like each parameter; None before the first step)."""
+        out = []
+        for i, p in enumerate(self._params()):
+            st = self.extra.get(i)
+            out.append(None if st is None else st["mask"].view(p.shape).clone())
+        return out
+
+
+# -- population methods ----------------------------------------------------------------------------
+class _Population(_GradientFree):
+    def _theta(self) -> torch.Tensor:
+        return torch.cat([p.detach().reshape(-1) for p in self._params()])
+
+    @torch.no_grad()
+    def _write(self, theta: torch.Tensor) -> None:
+        torch.nn.utils.vector_to_parameters(theta, self._params())
+
+    def _evaluate(self, thetas: torch.Tensor, call, idx) -> torch.Tensor:
+        out = []
+        for t in thetas:
+            self._write(t)
+            out.append(call(idx))
+        return torch.tensor(out, dtype=torch.float64)
+
+
+class EvolutionStrategy(_Population):
+    """The ES of :mod:`rso_ext.methods.es` as an optimizer: one step = one generation of
+    ``population`` antithetic members ``theta + sigma * eps`` (one closure call each),
+    centred-rank shaping, an Adam (or SGD) step of size ``lr``. Returns the mean member loss."""
+
+    def __init__(self, params: Iterable, *, population: int = 50, sigma: float = 0.02,
+                 lr: float = 0.01, optimizer: str = "adam", weight_decay: float = 0.0,
+                 pool_size: Optional[int] = None, batch_size: Optional[int] = None,
+                 generator: Optional[torch.Generator] = None) -> None:
+        if not isinstance(population, int) or population < 2 or population % 2:
+            raise ValueError(f"population must be an even int >= 2 (antithetic pairs), got "
+                             f"{population!r}")
+        check_range("sigma", sigma, 0.0, lo_open=True)
+        check_range("lr", lr, 0.0, lo_open=True)
+        check_range("weight_decay", weight_decay, 0.0, 1.0, hi_open=True)
+        check_choice("optimizer", optimizer, OPTIMIZERS)
+        super().__init__(params, dict(population=population, sigma=sigma, lr=lr,
+                                      optimizer=optimizer, weight_decay=weight_decay),
+                         pool_size, batch_size, generator)
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        call = self._caller(closure)
+        g = self.param_groups[0]
+        theta = self._theta()
+        idx = self._batch()
+        eps = draw_noise(self.generator, g["population"], len(theta)).to(theta.device,
+                                                                          theta.dtype)
+        losses = self._evaluate(theta + g["sigma"] * eps, call, idx)
+        d = es_direction(eps, losses, g["sigma"])
+        self._write(es_update(theta, d, self.extra, g["lr"], g["weight_decay"], g["optimizer"]))
+        self.steps += 1
+        return losses.mean()
+
+
+class GeneticAlgorithm(_Population):
+    """The GA of :mod:`rso_ext.methods.ga` as an optimizer: one step = one generation (one closure
+    call per member); the parameters hold the best member of the generation after the step, whose
+    loss it returns."""
+
+    def __init__(self, params: Iterable, *, population: int = 50, elite: int = 1,
+                 parents: Optional[int] = None, sigma: float = 0.01,
+                 pool_size: Optional[int] = None,
+                 batch_size: Optional[int] = None,
+                 generator: Optional[torch.Generator] = None) -> None:
+        parents = default_parents(population) if parents is None else parents
+        check_ga(population, elite, parents, sigma)
+        super().__init__(params, dict(population=population, elite=elite, parents=parents,
+                                      sigma=sigma), pool_size, batch_size, generator)
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        call = self._caller(closure)
+        g = self.param_groups[0]
+        if "population" not in self.extra:
+            self.extra["population"] = initial_population(self._theta(), g["population"],
+                                                          g["sigma"], self.generator)
+        pop = self.extra["population"]
+        idx = self._batch()
+        losses = self._evaluate(pop, call, idx)
+        new, best = next_generation(pop, losses, g["elite"], g["parents"], g["sigma"],
+                                    self.generator)
+        self._write(pop[best])
+        self.extra["population"] = new
+        self.steps += 1
+        return losses[best]
