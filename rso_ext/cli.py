@@ -28,7 +28,7 @@ RESULT = "result.json"
 DEFAULTS = dict(model="paper_mnist", data="mnist", data_root=None, download=False, cycles=1,
                 batch_size=64, train_size=None, val_size=1000, normalize="mean",
                 sampler="shuffle", alpha=0.1, weight_decay=1e-4, sigma="he", sample_scale=1.0,
-                calib_size=2000, device="cpu", backend="auto", pool_size=None, seed=0, threads=None,
+                calib_size=2000, device="cpu", backend="torch", pool_size=None, seed=0, threads=None,
                 method="rso", generations=None, population=None, noise=None, lr=None,
                 temperature=None, sparsity=None, params=None)
 

@@ -77,7 +77,7 @@ class RSO:
                  alpha: float = 0.1, weight_decay: float = 1e-4, sampler: str = "shuffle",
                  sigma: str = "he", sample_scale: float = 1.0,
                  bn_sigma: float = schedule.BN_SIGMA, calib_size: int = 2000,
-                 generator: Optional[torch.Generator] = None, backend: str = "auto",
+                 generator: Optional[torch.Generator] = None, backend: str = "torch",
                  pool_size: Optional[int] = None, memory_limit: Optional[int] = None) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")

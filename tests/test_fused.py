@@ -224,7 +224,7 @@ def test_auto_falls_back_to_torch_and_fused_refuses():
     assert rso.backend == "torch"
     with pytest.raises(PlanError, match="TinyDag"):
         RSO(TinyDag(), cycles=1, batch_size=10, backend="fused").sweep_unit(0, x, y)
-    rso = RSO(tiny_net(), cycles=1, batch_size=10)
+    rso = RSO(tiny_net(), cycles=1, batch_size=10, backend="auto")
     rso.sweep_unit(0, x, y, weights=2)
     assert rso.backend == "fused"
 

@@ -192,6 +192,21 @@ Sweep make_sweep(const at::Tensor& x, const at::Tensor& z, const at::Tensor& par
   return s;
 }
 
+// z[:, o] = channel o of the swept conv layer over the whole pool, from its current weights
+// (chunked; ATen convolution, so it runs where the caches live without a host sync).
+void refresh_channel(const Sweep& s, int64_t o) {
+  const Op& layer = s.prog.ops[0];
+  const at::Tensor w = layer.t[0].narrow(0, o, 1);
+  const at::Tensor bias = layer.t[1].defined() ? layer.t[1].narrow(0, o, 1) : at::Tensor();
+  const int64_t n = s.x.size(0);
+  constexpr int64_t kChunk = 8192;
+  for (int64_t a = 0; a < n; a += kChunk) {
+    const int64_t len = std::min(kChunk, n - a);
+    s.z.narrow(0, a, len).narrow(1, o, 1).copy_(
+        at::conv2d(s.x.narrow(0, a, len), w, bias, {s.sh, s.sw}, {s.ph, s.pw}));
+  }
+}
+
 // The K summed float64 losses of weight k with candidate values `values` [K] on the
 // minibatch `idx` [B]. Reads the caches, changes nothing.
 at::Tensor evaluate(const Backend& be, const Sweep& s, int64_t k, const at::Tensor& values,
@@ -200,9 +215,24 @@ at::Tensor evaluate(const Backend& be, const Sweep& s, int64_t k, const at::Tens
   const int64_t K = values.numel();
   const int64_t B = idx.numel();
   const at::Tensor vals = values.contiguous();
-  at::Tensor zo = at::empty({K * B, 1, s.ho, s.wo}, s.z.options());
+  at::Tensor zo;
+  at::Tensor fresh_o;  // conv weight: channel o of z[idx] recomputed from x[idx] and the weights
   const bool channel_moves = s.kind == UnitKind::Weight || s.kind == UnitKind::Bias;
-  be.channel_candidates(s, st, k, vals, channel_moves ? K : 1, idx, zo);
+  if (s.kind == UnitKind::Weight && s.conv) {
+    const Op& layer = s.prog.ops[0];
+    const at::Tensor xi = s.x.index_select(0, idx);
+    const at::Tensor bias = layer.t[1].defined() ? layer.t[1].narrow(0, st.o, 1) : at::Tensor();
+    fresh_o = at::conv2d(xi, layer.t[0].narrow(0, st.o, 1), bias, {s.sh, s.sw}, {s.ph, s.pw});
+    const at::Tensor shifted =
+        at::constant_pad_nd(xi.narrow(1, st.c, 1), {s.pw, s.pw, s.ph, s.ph})
+            .slice(2, st.ky, st.ky + (s.ho - 1) * s.sh + 1, s.sh)
+            .slice(3, st.kx, st.kx + (s.wo - 1) * s.sw + 1, s.sw);          // [B, 1, ho, wo]
+    const at::Tensor d = (vals - s.param.view(-1).narrow(0, k, 1)).view({K, 1, 1, 1, 1});
+    zo = (fresh_o.unsqueeze(0) + d * shifted.unsqueeze(0)).reshape({K * B, 1, s.ho, s.wo});
+  } else {
+    zo = at::empty({K * B, 1, s.ho, s.wo}, s.z.options());
+    be.channel_candidates(s, st, k, vals, channel_moves ? K : 1, idx, zo);
+  }
   if (!channel_moves) {  // a BatchNorm parameter moves: the pre-activation is shared
     zo.narrow(0, B, (K - 1) * B).copy_(zo.narrow(0, 0, B).repeat({K - 1, 1, 1, 1}));
   }
@@ -216,6 +246,9 @@ at::Tensor evaluate(const Backend& be, const Sweep& s, int64_t k, const at::Tens
   }
   const at::Tensor target_b = s.target.index_select(0, idx);
   const at::Tensor zb = s.z.index_select(0, idx);
+  if (fresh_o.defined()) {
+    zb.narrow(1, st.o, 1).copy_(fresh_o);
+  }
   const int64_t chain_end = prog.next < 0 ? n_ops : prog.next;
   at::Tensor a_cur = zb;
   at::Tensor a_o = zo;
@@ -306,11 +339,18 @@ std::tuple<at::Tensor, at::Tensor> sweep(
   be.begin_sweep(s, call);
   const at::Tensor vals = values.to(x.device()).contiguous();
   const at::Tensor idx = batches.contiguous();
+  Sweep lazy = s;
+  lazy.lazy_z = s.kind == UnitKind::Weight && s.conv;
   for (int64_t i = 0; i < m; ++i) {
     const int64_t k = k0 + i;
     const at::Tensor row = vals[i];
-    const at::Tensor l = evaluate(be, s, k, row, idx[i]);
-    if (!be.step(s, call, i, k, l, row)) {
+    const at::Tensor l = evaluate(be, lazy, k, row, idx[i]);
+    const bool go_on = be.step(lazy, call, i, k, l, row);
+    const int64_t o = site_of(s, k).o;
+    if (lazy.lazy_z && (!go_on || i == m - 1 || site_of(s, k + 1).o != o)) {
+      refresh_channel(lazy, o);
+    }
+    if (!go_on) {
       break;
     }
   }
@@ -513,7 +553,9 @@ class CpuBackend final : public Backend {
     T* p = s.param.mutable_data_ptr<T>();
     const T old = p[k];
     p[k] = v;
-    apply_move_cpu<T>(s, site_of(s, k), static_cast<T>(v - old));
+    if (!s.lazy_z) {
+      apply_move_cpu<T>(s, site_of(s, k), static_cast<T>(v - old));
+    }
   }
 };
 

@@ -33,6 +33,10 @@ struct Sweep {
   int64_t cout, ho, wo;        // output channels and spatial size
   int64_t kh = 1, kw = 1, sh = 1, sw = 1, ph = 0, pw = 0;
   int64_t classes = 0;         // width of the program's output (the logits)
+  // Inside a fused_sweep call over a conv weight unit: a move leaves z[:, o] of the neuron
+  // being swept stale (every evaluation recomputes that channel for its minibatch) and the
+  // call refreshes the channel over the pool once the neuron is done.
+  bool lazy_z = false;
 };
 
 // Where flat index k of the unit's parameter sits: output unit o, input channel c, tap.

@@ -175,8 +175,10 @@ class CudaBackend final : public Backend {
                                     call.chosen.mutable_data_ptr<int64_t>() + i,
                                     call.losses.mutable_data_ptr<double>() + i * K,
                                     call.stopped.mutable_data_ptr<int>(), stream);
-      cuda::launch_move_channel(site, s.z.mutable_data_ptr<T>(), s.x.const_data_ptr<T>(), delta,
-                                stream);
+      if (!s.lazy_z) {  // else the sweep refreshes the neuron's channel when it is done
+        cuda::launch_move_channel(site, s.z.mutable_data_ptr<T>(), s.x.const_data_ptr<T>(),
+                                  delta, stream);
+      }
     });
     return true;  // a stop is the device's to enforce (call.stopped)
   }

@@ -138,7 +138,9 @@ at::Tensor apply_single(const Op& op, const at::Tensor& x, int64_t o, int64_t gr
 
 at::Tensor mixing_single(const Op& op, const at::Tensor& dx, int64_t o) {
   if (op.kind == OpKind::Conv) {
-    return at::conv2d(dx, op.t[0].narrow(1, o, 1), {}, {op.p[0], op.p[1]}, {op.p[2], op.p[3]});
+    // contiguous: a strided weight slice sends oneDNN down a slow reorder path every call
+    return at::conv2d(dx, op.t[0].narrow(1, o, 1).contiguous(), {}, {op.p[0], op.p[1]},
+                      {op.p[2], op.p[3]});
   }
   const int64_t w = dx.size(1);  // features of channel o after Flatten (1 for a linear input)
   return at::linear(dx, op.t[0].narrow(1, o * w, w));
