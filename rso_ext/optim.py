@@ -52,7 +52,7 @@ from torch import nn
 
 from . import schedule
 from .methods.base import check_choice, check_range, draw_batch
-from .methods.es import OPTIMIZERS, draw_noise, es_direction, es_update
+from .methods.es import check_es, draw_noise, es_direction, es_update
 from .methods.ga import check_ga, default_parents, initial_population, next_generation
 from .methods.sa import SCHEDULES as SA_SCHEDULES
 from .methods.sa import sa_loop, temperature
@@ -361,13 +361,7 @@ class EvolutionStrategy(_Population):
                  lr: float = 0.01, optimizer: str = "adam", weight_decay: float = 0.0,
                  pool_size: Optional[int] = None, batch_size: Optional[int] = None,
                  generator: Optional[torch.Generator] = None) -> None:
-        if not isinstance(population, int) or population < 2 or population % 2:
-            raise ValueError(f"population must be an even int >= 2 (antithetic pairs), got "
-                             f"{population!r}")
-        check_range("sigma", sigma, 0.0, lo_open=True)
-        check_range("lr", lr, 0.0, lo_open=True)
-        check_range("weight_decay", weight_decay, 0.0, 1.0, hi_open=True)
-        check_choice("optimizer", optimizer, OPTIMIZERS)
+        check_es(population, sigma, lr, weight_decay, optimizer)
         super().__init__(params, dict(population=population, sigma=sigma, lr=lr,
                                       optimizer=optimizer, weight_decay=weight_decay),
                          pool_size, batch_size, generator)

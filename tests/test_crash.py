@@ -34,14 +34,7 @@ REPO = Path(__file__).resolve().parent.parent
 KILLS = 20                   # SIGKILLs to deliver (fewer only if the run finishes first)
 KILL_BUDGET_S = 40.0         # stop killing after this long and let the run finish
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """One torch thread in this process: these tiny nets gain nothing from two, and on a loaded
-    2-core machine two OpenMP threads can make them many times slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

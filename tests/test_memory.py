@@ -16,14 +16,7 @@ from rso_ext.visit import visit_units
 
 from helpers import TinyDag, tiny_net, toy_data
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """One torch thread in this process: these tiny nets gain nothing from two, and on a loaded
-    2-core machine two OpenMP threads can make them many times slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_estimate_is_pool_times_cache_plus_batch_times_work():

@@ -32,14 +32,7 @@ SETTINGS = settings(max_examples=30, deadline=None, derandomize=True, database=N
                     suppress_health_check=[HealthCheck.too_slow])
 TRIED: Counter = Counter()
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """One torch thread in this process: these tiny nets gain nothing from two, and on a loaded
-    2-core machine two OpenMP threads can make them many times slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -28,6 +28,18 @@ from .base import PopulationMethod, check_choice, check_range, draw_batch
 OPTIMIZERS = ("adam", "sgd")
 
 
+def check_es(population: int, sigma: float, lr: float, weight_decay: float,
+             optimizer: str) -> None:
+    """Refuse ES hyperparameters out of range, naming the argument."""
+    if not isinstance(population, int) or population < 2 or population % 2:
+        raise ValueError(f"population must be an even int >= 2 (antithetic pairs), got "
+                         f"{population!r}")
+    check_range("sigma", sigma, 0.0, lo_open=True)
+    check_range("lr", lr, 0.0, lo_open=True)
+    check_range("weight_decay", weight_decay, 0.0, 1.0, hi_open=True)
+    check_choice("optimizer", optimizer, OPTIMIZERS)
+
+
 def draw_noise(generator: torch.Generator, population: int, dim: int) -> torch.Tensor:
     """[population, dim] antithetic noise: ``h = population // 2`` normal rows, then their
     negatives."""
@@ -93,13 +105,7 @@ class EvolutionStrategy(PopulationMethod):
                  lr: float = 0.01, optimizer: str = "adam", weight_decay: float = 0.0,
                  params="all", calib_size: int = 2000,
                  generator: Optional[torch.Generator] = None, vectorize: bool = True) -> None:
-        if not isinstance(population, int) or population < 2 or population % 2:
-            raise ValueError(f"population must be an even int >= 2 (antithetic pairs), got "
-                             f"{population!r}")
-        check_range("sigma", sigma, 0.0, lo_open=True)
-        check_range("lr", lr, 0.0, lo_open=True)
-        check_range("weight_decay", weight_decay, 0.0, 1.0, hi_open=True)
-        check_choice("optimizer", optimizer, OPTIMIZERS)
+        check_es(population, sigma, lr, weight_decay, optimizer)
         super().__init__(model, cycles=cycles, generations=generations, batch_size=batch_size,
                          population=population, params=params, calib_size=calib_size,
                          generator=generator, vectorize=vectorize, sigma=sigma, lr=lr,
