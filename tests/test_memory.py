@@ -120,7 +120,7 @@ def test_cli_refuses_a_run_that_would_not_fit_before_creating_anything(tmp_path,
     out = tmp_path / "run"
     argv = ["train", "--data-root", str(root), "--out", str(out), "--batch-size", "10",
             "--val-size", "10", "--calib-size", "20", "--no-progress", "--model", "tiny",
-            "--backend", "torch"]
+            "--backend", "torch", "--cycles", "1"]
     assert cli.main(argv) == 2
     err = capsys.readouterr().err
     assert "out of memory before starting: the sweep of" in err
