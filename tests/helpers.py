@@ -51,3 +51,18 @@ def toy_data(n: int = 120, seed: int = 1, classes: int = 3) -> tuple[torch.Tenso
         r, col = divmod(c, 2)
         x[y == c, :, r * 4:(r + 1) * 4, col * 4:(col + 1) * 4] += 1.0
     return x, y
+
+
+def mnist_root(root, n_train: int, n_test: int):
+    """An MNIST-format root (``<root>/MNIST/raw/*.gz``) holding the first ``n_train`` training and
+    ``n_test`` test images of the embedded subset."""
+    from rso_ext import data
+
+    raw = root / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    src = data.embedded_root() / "MNIST" / "raw"
+    for split, n in (("train", n_train), ("t10k", n_test)):
+        for kind in ("images-idx3", "labels-idx1"):
+            data.write_idx(raw / f"{split}-{kind}-ubyte.gz",
+                           data.read_idx(src / f"{split}-{kind}-ubyte.gz")[:n])
+    return root

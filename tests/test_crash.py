@@ -23,11 +23,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from rso_ext import checkpoint, cli, data, models
+from rso_ext import checkpoint, cli, models
 from rso_ext.sweep import NonFiniteLossError
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from cli_tiny import tiny_mnist_net  # noqa: E402
+from helpers import mnist_root  # noqa: E402
 
 HELPER = Path(__file__).resolve().parent / "cli_tiny.py"
 REPO = Path(__file__).resolve().parent.parent
@@ -40,16 +41,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 @pytest.fixture(scope="module")
 def tiny_root(tmp_path_factory) -> Path:
     """A 200/100-image MNIST-format root cut from the embedded subset."""
-    root = tmp_path_factory.mktemp("mnist")
-    raw = root / "MNIST" / "raw"
-    raw.mkdir(parents=True)
-    src = data.embedded_root() / "MNIST" / "raw"
-    for split, n in (("train", 200), ("t10k", 100)):
-        data.write_idx(raw / f"{split}-images-idx3-ubyte.gz",
-                       data.read_idx(src / f"{split}-images-idx3-ubyte.gz")[:n])
-        data.write_idx(raw / f"{split}-labels-idx1-ubyte.gz",
-                       data.read_idx(src / f"{split}-labels-idx1-ubyte.gz")[:n])
-    return root
+    return mnist_root(tmp_path_factory.mktemp("mnist"), 200, 100)
 
 
 def _args(root: Path, out: Path, cycles: int = 2) -> list[str]:

@@ -9,12 +9,12 @@ import pytest
 import torch
 from torch import nn
 
-from rso_ext import RSO, cli, data, memory, models
+from rso_ext import RSO, cli, memory, models
 from rso_ext.evaluate import CachedInput, FullForward
 from rso_ext.sweep import TorchSweeper
 from rso_ext.visit import visit_units
 
-from helpers import TinyDag, tiny_net, toy_data
+from helpers import TinyDag, mnist_root, tiny_net, toy_data
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -108,13 +108,7 @@ def tiny_mnist_net(generator=None):
 
 def test_cli_refuses_a_run_that_would_not_fit_before_creating_anything(tmp_path, monkeypatch,
                                                                        capsys):
-    root = tmp_path / "mnist"
-    raw = root / "MNIST" / "raw"
-    raw.mkdir(parents=True)
-    src = data.embedded_root() / "MNIST" / "raw"
-    for split, n in (("train", 60), ("t10k", 30)):
-        for kind in ("images-idx3", "labels-idx1"):
-            data.write_idx(raw / f"{split}-{kind}-ubyte", data.read_idx(src / f"{split}-{kind}-ubyte.gz")[:n])
+    root = mnist_root(tmp_path / "mnist", 60, 30)
     monkeypatch.setitem(models.MODELS, "tiny", tiny_mnist_net)
     monkeypatch.setenv(memory.ENV_LIMIT, "64K")
     out = tmp_path / "run"

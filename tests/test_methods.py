@@ -19,6 +19,7 @@ from rso_ext.methods.es import centered_ranks, draw_noise
 from rso_ext.methods.sa import accept, temperature
 from rso_ext.methods.ticket import kept_cap, target_sparsity
 from rso_ext.streams import SweepStreams
+from helpers import mnist_root
 
 
 def mini_net(seed: int = 0, bn: bool = True, width: int = 4) -> nn.Sequential:
@@ -269,16 +270,7 @@ def test_dfo_unknown_optimizer(mnist):
 # -- the CLI ---------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def tiny_root(tmp_path_factory):
-    root = tmp_path_factory.mktemp("mnist")
-    raw = root / "MNIST" / "raw"
-    raw.mkdir(parents=True)
-    src = data.embedded_root() / "MNIST" / "raw"
-    for split, n in (("train", 250), ("t10k", 100)):
-        data.write_idx(raw / f"{split}-images-idx3-ubyte.gz",
-                       data.read_idx(src / f"{split}-images-idx3-ubyte.gz")[:n])
-        data.write_idx(raw / f"{split}-labels-idx1-ubyte.gz",
-                       data.read_idx(src / f"{split}-labels-idx1-ubyte.gz")[:n])
-    return root
+    return mnist_root(tmp_path_factory.mktemp("mnist"), 250, 100)
 
 
 @pytest.mark.parametrize("method,extra", [
