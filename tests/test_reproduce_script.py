@@ -1,0 +1,66 @@
+"""benchmarks/reproduce_paper.py end to end in this process, on a tiny model and tiny data."""
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from rso_ext import models
+
+from helpers import tiny_net
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "reproduce_paper.py"
+
+
+def tiny_mnist_net(generator=None):
+    """paper_mnist's layer kinds at toy width (28x28 input, 10 classes), as in test_cli."""
+    net = tiny_net()
+    net.fc = torch.nn.Linear(4, 10, bias=False)
+    return models.he_init_(net, generator)
+
+
+@pytest.fixture()
+def script(monkeypatch):
+    monkeypatch.setitem(models.MODELS, "tiny", tiny_mnist_net)
+    spec = importlib.util.spec_from_file_location("reproduce_paper", SCRIPT)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.mark.parametrize("baseline", [0, 1])
+def test_reproduce_paper_tiny(script, tmp_path, capsys, one_thread, baseline):
+    out = tmp_path / "r.json"
+    rc = script.main(["--model", "tiny", "--data-root", "embedded", "--train-size", "150",
+                      "--val-size", "50", "--batch-size", "25", "--cycles", "2",
+                      "--calib-size", "60", "--backend", "torch", "--seed", "3",
+                      "--baseline-cycles", str(baseline), "--out", str(out),
+                      *([] if baseline else ["--no-plot"])])
+    assert rc == 0
+    doc = json.loads(out.read_text())
+    for k in ("device", "torch", "commit", "command", "rows", "result"):
+        assert k in doc, k
+    assert doc["commit"]
+    rows = doc["rows"]
+    assert [r["cycle"] for r in rows] == [1, 2]
+    for r in rows:
+        assert 0 <= r["test_acc"] <= 1 and 0 <= r["val_acc"] <= 1
+        assert r["units"] and all(u["seconds"] >= 0 for u in r["units"])
+    assert rows[1]["seconds"] >= rows[0]["seconds"] > 0
+    res = doc["result"]
+    for k in ("test_acc_1", "test_acc_2", "seconds_1", "seconds_2"):
+        assert k in res, k
+    assert "test_acc_5" not in res and "test_acc_50" not in res
+    assert ("ratio_cycle_vs_torch_cached" in res) == bool(baseline)
+    if not baseline:
+        assert doc["png"] is None
+    elif doc["png"] is not None:
+        assert (out.parent / doc["png"]).exists()      # the PNG sits beside the JSON
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert last.startswith("RESULT ")
+    pairs = dict(kv.split("=", 1) for kv in last.split()[1:])
+    assert set(pairs) == set(res)
+    assert float(pairs["test_acc_2"]) == pytest.approx(res["test_acc_2"], rel=1e-5)
