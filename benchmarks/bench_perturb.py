@@ -39,9 +39,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shlex
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -49,6 +47,9 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _env import default_data_root, device_name, git_commit  # noqa: E402
 
 import rso_ext  # noqa: E402
 from rso_ext import RSO, models  # noqa: E402
@@ -65,37 +66,6 @@ TORCH_EVALUATORS = {
 ALL_BACKENDS = tuple(TORCH_EVALUATORS) + ("fused",)
 REFERENCE = "torch-cached"          # ratios and decision agreement are taken against it
 CALIB = 2000                        # the driver's default calibration set
-
-
-# -- environment ------------------------------------------------------------------------------------
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def git_commit() -> str:
-    try:
-        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True,
-                              text=True, check=True).stdout.strip()
-        # tracked files differing from HEAD make the tree dirty (as `git describe --dirty`)
-        dirty = subprocess.run(["git", "diff", "--quiet", "HEAD", "--"], cwd=ROOT).returncode != 0
-        return head + ("-dirty" if dirty else "")
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
-def default_data_root() -> str | None:
-    for p in (ROOT.parent / "shared" / "data" / "mnist", ROOT / "shared" / "data" / "mnist"):
-        if p.is_dir():
-            return str(p)
-    return None
 
 
 def sync(device: torch.device) -> None:

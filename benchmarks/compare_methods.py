@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import subprocess
 import sys
 import time
 import warnings
@@ -41,6 +40,9 @@ from torch import nn
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _env import git_commit  # noqa: E402
 
 from rso_ext import RSO, data, metrics, models  # noqa: E402
 from rso_ext.methods import (DFO, BatchedLoss, EvolutionStrategy,  # noqa: E402
@@ -164,17 +166,6 @@ class _EvoTorchRun:
             done += n
             rec.record(self, done * self.population * self.batch_size)
         return done * self.population * self.batch_size
-
-
-def git_commit() -> str:
-    try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, text=True,
-                             capture_output=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain"], cwd=ROOT, text=True,
-                               capture_output=True).stdout.strip()
-        return out + ("+dirty" if dirty else "")
-    except Exception:
-        return "unknown"
 
 
 def plot(results, path):

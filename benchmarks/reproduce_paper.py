@@ -24,9 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shlex
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -37,6 +35,9 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _env import default_data_root, device_name, git_commit  # noqa: E402
 
 import rso_ext  # noqa: E402
 from rso_ext import data, metrics, models  # noqa: E402
@@ -46,32 +47,6 @@ ALPHA, WEIGHT_DECAY = 0.1, 1e-4
 QUICK = dict(batch_size=64, cycles=2, val_size=1000)
 
 
-# -- environment ------------------------------------------------------------------------------------
-def device_name(device: str) -> str:
-    if device == "cuda":
-        return torch.cuda.get_device_name()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def git_commit() -> str:
-    try:
-        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True,
-                              text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "diff", "--quiet", "HEAD", "--"], cwd=ROOT).returncode != 0
-        return head + ("-dirty" if dirty else "")
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
-def default_data_root() -> str | None:
-    p = ROOT.parent / "shared" / "data" / "mnist"
-    return str(p) if p.is_dir() else None
 
 
 # -- arguments --------------------------------------------------------------------------------------
