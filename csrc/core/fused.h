@@ -1,4 +1,4 @@
-// The fused candidate evaluation, shared by the CPU (fused.cpp) and CUDA (fused_cuda.cpp)
+// The fused candidate evaluation, shared by the CPU (fused_cpu.cpp) and CUDA (fused_cuda.cpp)
 // kernels of rso_ext::fused_candidate_losses / fused_sweep / fused_set_weight (schemas in
 // csrc/ops.cpp; DESIGN.md section 2).
 //
