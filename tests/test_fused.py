@@ -68,16 +68,16 @@ def _random_net(seed: int) -> tuple[nn.Sequential, tuple[int, ...]]:
     layers: list[tuple[str, nn.Module]] = []
     c, hw = r(2) + 1, 12
     for i in range(r(2) + 1):
-        cout, k = r(3) + 2, [1, 3][r(2)]
+        cout, k = [2, 3, 4, 8][r(4)], [1, 3][r(2)]   # 8: the register-blocked CPU path
         stride, pad = [1, 1, 2][r(3)], r(2) if k == 3 else 0
         layers.append((f"conv{i}", nn.Conv2d(c, cout, k, stride, pad, bias=bool(r(2)))))
         hw = (hw + 2 * pad - k) // stride + 1
         if r(2):
             layers.append((f"bn{i}", nn.BatchNorm2d(cout)))
         if r(2) and hw >= 4:
-            pool = [nn.MaxPool2d, nn.AvgPool2d][r(2)](2)
-            layers.append((f"pool{i}", pool))
-            hw //= 2
+            kind, (pk, ps, pp) = [nn.MaxPool2d, nn.AvgPool2d][r(2)], [(2, 2, 0), (3, 2, 1)][r(2)]
+            layers.append((f"pool{i}", kind(pk, ps, pp)))
+            hw = (hw + 2 * pp - pk) // ps + 1
         layers.append((f"relu{i}", nn.ReLU()))
         c = cout
     if r(2):
@@ -114,6 +114,25 @@ def test_random_nets_of_every_supported_op_match_the_reference(seed):
     _check_all_units(net, x, y)
 
 
+def test_hand_written_cpu_passes_match_the_reference():
+    """The CPU passes of csrc/core/program_cpu.cpp on the shapes the random matrix misses:
+    padded 3x3 max/avg pooling, the register-blocked single-channel correction (8 output
+    channels, 3x3 and 5x5 taps, stride 1) and its fallback (stride 2)."""
+    g = torch.Generator().manual_seed(7)
+    net = models.he_init_(nn.Sequential(OrderedDict([
+        ("conv0", nn.Conv2d(2, 3, 3, padding=1)), ("pool0", nn.MaxPool2d(3, 2, 1)),
+        ("relu0", nn.ReLU()),
+        ("conv1", nn.Conv2d(3, 8, 3, padding=1, bias=False)), ("bn1", nn.BatchNorm2d(8)),
+        ("relu1", nn.ReLU()),
+        ("conv2", nn.Conv2d(8, 8, 5, padding=2)), ("pool2", nn.AvgPool2d(3, 2, 1)),
+        ("relu2", nn.ReLU()),
+        ("conv3", nn.Conv2d(8, 8, 3, stride=2, bias=False)), ("bn3", nn.BatchNorm2d(8)),
+        ("gap", nn.AdaptiveAvgPool2d(1)), ("flat", nn.Flatten()), ("out", nn.Linear(8, 5))])), g)
+    x = torch.randn(40, 2, 13, 13, generator=g)
+    y = torch.randint(0, 5, (40,), generator=g)
+    _check_all_units(net, x, y, per_unit=2)
+
+
 def test_fixed_batchnorm_uses_running_statistics():
     net = tiny_net(seed=2)
     x, y = toy_data(40)
@@ -140,7 +159,12 @@ def test_fixed_batchnorm_uses_running_statistics():
     torch.testing.assert_close(b, a, rtol=RTOL, atol=1e-7)
 
 
-def test_z_cache_stays_exact_through_a_sweep():
+@pytest.mark.parametrize("batch", [16, 2])
+def test_z_cache_stays_exact_through_a_sweep(batch):
+    # conv2 (3 input channels, 3x3) on a pool of 80: with B=16 every move updates z over the
+    # pool; with B=2 recomputing the channel per minibatch is cheaper, so the sweep leaves
+    # z[:, o] stale within a neuron and refreshes it when the neuron is done
+    # (csrc/core/fused.cpp, lazy_z_pays). Both must end exact.
     net = tiny_net(seed=5, bias=True)
     x, y = toy_data(80)
     calibrate(net, x)
@@ -150,7 +174,7 @@ def test_z_cache_stays_exact_through_a_sweep():
         if unit.module is not net.conv2 and unit.module is not net.fc:
             continue
         streams = SweepStreams.draw(torch.Generator().manual_seed(3), unit.param.numel(), 0.5,
-                                    len(x), 16)
+                                    len(x), batch)
         with search_mode(net, order, unit.position):
             sw = FusedSweeper(plan, unit)
             sw.begin(x, y)

@@ -189,6 +189,15 @@ Sweep make_sweep(const at::Tensor& x, const at::Tensor& z, const at::Tensor& par
   return s;
 }
 
+// Whether a conv weight sweep with minibatches of B samples should leave z[:, o] stale while
+// it sweeps neuron o: an accepted move (nearly every weight moves: the weight-decay step)
+// costs a pass over the pool's channel o, N * ho * wo multiply-adds through memory, while
+// recomputing the channel for one minibatch costs B * ho * wo * cin * kh * kw in registers;
+// a pass through memory is counted as 4.
+bool lazy_z_pays(const Sweep& s, int64_t B) {
+  return 4 * s.x.size(0) > B * s.cin * s.kh * s.kw;
+}
+
 // z[:, o] = channel o of the swept conv layer over the whole pool, from its current weights
 // (chunked; ATen convolution, so it runs where the caches live without a host sync).
 void refresh_channel(const Sweep& s, int64_t o) {
@@ -204,6 +213,32 @@ void refresh_channel(const Sweep& s, int64_t o) {
   }
 }
 
+}  // namespace
+
+at::Tensor Backend::fresh_channel(const Sweep& s, int64_t o, const at::Tensor& idx) const {
+  const Op& layer = s.prog.ops[0];
+  const at::Tensor bias = layer.t[1].defined() ? layer.t[1].narrow(0, o, 1) : at::Tensor();
+  return at::conv2d(s.x.index_select(0, idx), layer.t[0].narrow(0, o, 1), bias, {s.sh, s.sw},
+                    {s.ph, s.pw});
+}
+
+void channel_candidates_aten(const Sweep& s, const Site& st, int64_t k, const at::Tensor& vals,
+                             int64_t K, const at::Tensor& idx, const at::Tensor& base,
+                             const at::Tensor& out) {
+  TORCH_CHECK(s.kind == UnitKind::Weight && s.conv,
+              "fused: candidates from a recomputed channel exist for conv weights only");
+  const int64_t B = idx.numel();
+  const at::Tensor d = vals.narrow(0, 0, K) - s.param.view(-1).narrow(0, k, 1);
+  const at::Tensor moved =  // [B, 1, ho, wo]: the input the entry multiplies
+      at::constant_pad_nd(s.x.index_select(0, idx).narrow(1, st.c, 1), {s.pw, s.pw, s.ph, s.ph})
+          .slice(2, st.ky, st.ky + (s.ho - 1) * s.sh + 1, s.sh)
+          .slice(3, st.kx, st.kx + (s.wo - 1) * s.sw + 1, s.sw);
+  out.view({K, B, 1, s.ho, s.wo})
+      .copy_(base.unsqueeze(0) + d.view({K, 1, 1, 1, 1}) * moved.unsqueeze(0));
+}
+
+namespace {
+
 // The K summed float64 losses of weight k with candidate values `values` [K] on the
 // minibatch `idx` [B]. Reads the caches, changes nothing.
 at::Tensor evaluate(const Backend& be, const Sweep& s, int64_t k, const at::Tensor& values,
@@ -212,24 +247,13 @@ at::Tensor evaluate(const Backend& be, const Sweep& s, int64_t k, const at::Tens
   const int64_t K = values.numel();
   const int64_t B = idx.numel();
   const at::Tensor vals = values.contiguous();
-  at::Tensor zo;
-  at::Tensor fresh_o;  // conv weight: channel o of z[idx] recomputed from x[idx] and the weights
+  at::Tensor fresh_o;  // lazy sweep: channel o of z[idx] recomputed from x[idx] and the weights
   const bool channel_moves = s.kind == UnitKind::Weight || s.kind == UnitKind::Bias;
-  if (s.kind == UnitKind::Weight && s.conv) {
-    const Op& layer = s.prog.ops[0];
-    const at::Tensor xi = s.x.index_select(0, idx);
-    const at::Tensor bias = layer.t[1].defined() ? layer.t[1].narrow(0, st.o, 1) : at::Tensor();
-    fresh_o = at::conv2d(xi, layer.t[0].narrow(0, st.o, 1), bias, {s.sh, s.sw}, {s.ph, s.pw});
-    const at::Tensor shifted =
-        at::constant_pad_nd(xi.narrow(1, st.c, 1), {s.pw, s.pw, s.ph, s.ph})
-            .slice(2, st.ky, st.ky + (s.ho - 1) * s.sh + 1, s.sh)
-            .slice(3, st.kx, st.kx + (s.wo - 1) * s.sw + 1, s.sw);          // [B, 1, ho, wo]
-    const at::Tensor d = (vals - s.param.view(-1).narrow(0, k, 1)).view({K, 1, 1, 1, 1});
-    zo = (fresh_o.unsqueeze(0) + d * shifted.unsqueeze(0)).reshape({K * B, 1, s.ho, s.wo});
-  } else {
-    zo = at::empty({K * B, 1, s.ho, s.wo}, s.z.options());
-    be.channel_candidates(s, st, k, vals, channel_moves ? K : 1, idx, zo);
+  if (s.lazy_z) {
+    fresh_o = be.fresh_channel(s, st.o, idx);
   }
+  at::Tensor zo = at::empty({K * B, 1, s.ho, s.wo}, s.z.options());
+  be.channel_candidates(s, st, k, vals, channel_moves ? K : 1, idx, fresh_o, zo);
   if (!channel_moves) {  // a BatchNorm parameter moves: the pre-activation is shared
     zo.narrow(0, B, (K - 1) * B).copy_(zo.narrow(0, 0, B).repeat({K - 1, 1, 1, 1}));
   }
@@ -267,16 +291,7 @@ at::Tensor evaluate(const Backend& be, const Sweep& s, int64_t k, const at::Tens
   } else {
     const Op& mix = prog.ops[prog.next];
     const at::Tensor base = apply_dense(mix, a_cur, 1);                  // [B, Cn, ...]
-    const at::Tensor corr = mixing_single(mix, d_a.reshape(a_o.sizes()), st.o);  // [K*B, Cn, ...]
-    std::vector<int64_t> shape = {K, B};
-    for (int64_t j = 1; j < base.dim(); ++j) {
-      shape.push_back(base.size(j));
-    }
-    std::vector<int64_t> flat_shape = {K * B};
-    for (int64_t j = 1; j < base.dim(); ++j) {
-      flat_shape.push_back(base.size(j));
-    }
-    at::Tensor h = (corr.view(shape) + base.unsqueeze(0)).view(flat_shape);
+    at::Tensor h = mixing_single_add(mix, base, d_a.reshape(a_o.sizes()), st.o, K);
     for (int64_t i = prog.next + 1; i < n_ops; ++i) {
       h = apply_dense(prog.ops[i], h, K);
     }
@@ -337,7 +352,7 @@ std::tuple<at::Tensor, at::Tensor> sweep(
   const at::Tensor vals = values.to(x.device()).contiguous();
   const at::Tensor idx = batches.contiguous();
   Sweep lazy = s;
-  lazy.lazy_z = s.kind == UnitKind::Weight && s.conv;
+  lazy.lazy_z = s.kind == UnitKind::Weight && s.conv && lazy_z_pays(s, idx.size(1));
   for (int64_t i = 0; i < m; ++i) {
     const int64_t k = k0 + i;
     const at::Tensor row = vals[i];

@@ -33,9 +33,10 @@ struct Sweep {
   int64_t cout, ho, wo;        // output channels and spatial size
   int64_t kh = 1, kw = 1, sh = 1, sw = 1, ph = 0, pw = 0;
   int64_t classes = 0;         // width of the program's output (the logits)
-  // Inside a fused_sweep call over a conv weight unit: a move leaves z[:, o] of the neuron
-  // being swept stale (every evaluation recomputes that channel for its minibatch) and the
-  // call refreshes the channel over the pool once the neuron is done.
+  // Inside a fused_sweep call over a conv weight unit whose pool is large next to the work of
+  // recomputing one channel for a minibatch (lazy_z_pays): a move leaves z[:, o] of the
+  // neuron being swept stale (every evaluation recomputes that channel for its minibatch)
+  // and the call refreshes the channel over the pool once the neuron is done.
   bool lazy_z = false;
 };
 
@@ -57,12 +58,16 @@ class Backend {
   // (its loss kernels do not), with one read-back per call.
   virtual void check_batches(const Sweep& s, const at::Tensor& idx, const char* what) const = 0;
 
-  // out [K*B, 1, ho, wo] (contiguous): channel st.o of z[idx] as it would be with entry k of
-  // the unit's parameter set to vals[j], j < K; the entry's current value is read where it
-  // lives (on the device for CUDA).
+  // out [K*B, 1, ho, wo] (contiguous): channel st.o of z[idx] (or of `base` [B, 1, ho, wo]
+  // when defined) as it would be with entry k of the unit's parameter set to vals[j], j < K;
+  // the entry's current value is read where it lives (on the device for CUDA).
   virtual void channel_candidates(const Sweep& s, const Site& st, int64_t k,
                                   const at::Tensor& vals, int64_t K, const at::Tensor& idx,
-                                  const at::Tensor& out) const = 0;
+                                  const at::Tensor& base, const at::Tensor& out) const = 0;
+
+  // [B, 1, ho, wo]: channel o of the swept conv layer for the pool samples idx, recomputed
+  // from x and the layer's current weights (a lazy sweep's exact channel). Default: ATen.
+  virtual at::Tensor fresh_channel(const Sweep& s, int64_t o, const at::Tensor& idx) const;
 
   // float64 [K]: the summed losses when the swept layer gives the logits and only logit o
   // moves, to cand [K*B] (contiguous).
@@ -92,6 +97,11 @@ class Backend {
   // Writes entry k of the unit's parameter and keeps z exact.
   virtual void set_weight(const Sweep& s, int64_t k, double value) const = 0;
 };
+
+// channel_candidates of a conv weight from `base` [B, 1, ho, wo], in ATen calls (any device).
+void channel_candidates_aten(const Sweep& s, const Site& st, int64_t k, const at::Tensor& vals,
+                             int64_t K, const at::Tensor& idx, const at::Tensor& base,
+                             const at::Tensor& out);
 
 // The three operators over a backend (fused.cpp).
 at::Tensor candidate_losses(const Backend& be, const at::Tensor& x, const at::Tensor& z,

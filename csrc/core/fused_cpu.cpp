@@ -13,16 +13,18 @@
 #include <vector>
 
 #include "../common/math.h"
+#include "program_cpu.h"
 
 namespace rso {
 namespace fused {
 // -- the CPU backend ----------------------------------------------------------------------------
 namespace {
 
-// out[k, b, :] = channel o of Z[idx[b]] as it would be with the unit's entry set to vals[k].
+// out[k, b, :] = channel o of Z[idx[b]] (or of base[b]) as it would be with the unit's entry
+// set to vals[k].
 template <typename T>
 void channel_candidates_cpu(const Sweep& s, const Site& st, const T* vals, int64_t K, T w,
-                            const int64_t* idx, int64_t B, T* out) {
+                            const int64_t* idx, int64_t B, const T* base, T* out) {
   const T* z = s.z.const_data_ptr<T>();
   const T* x = s.x.const_data_ptr<T>();
   const int64_t hwo = s.ho * s.wo;
@@ -31,7 +33,7 @@ void channel_candidates_cpu(const Sweep& s, const Site& st, const T* vals, int64
   at::parallel_for(0, B, 16, [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) {
       const int64_t n = idx[b];
-      const T* zrow = z + (n * s.cout + st.o) * hwo;
+      const T* zrow = base != nullptr ? base + b * hwo : z + (n * s.cout + st.o) * hwo;
       for (int64_t k = 0; k < K; ++k) {
         T* dst = out + (k * B + b) * hwo;
         const T d = vals[k] - w;
@@ -54,6 +56,27 @@ void channel_candidates_cpu(const Sweep& s, const Site& st, const T* vals, int64
             dst[j] = zrow[j] + add;
           }
         }
+      }
+    }
+  });
+}
+
+// out [B, 1, ho, wo] = channel o of the conv layer for the samples idx.
+template <typename T>
+void fresh_channel_cpu(const Sweep& s, int64_t o, const int64_t* idx, int64_t B, T* out) {
+  const Op& layer = s.prog.ops[0];
+  const T* x = s.x.const_data_ptr<T>();
+  const T* w = layer.t[0].const_data_ptr<T>() + o * s.cin * s.kh * s.kw;
+  const T bias = layer.t[1].defined() ? layer.t[1].const_data_ptr<T>()[o] : T(0);
+  const cpu::ConvGeom g{s.h, s.w, s.ho, s.wo, s.kh, s.kw, s.sh, s.sw, s.ph, s.pw};
+  const int64_t taps = s.kh * s.kw;
+  at::parallel_for(0, B, 8, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      T* dst = out + b * s.ho * s.wo;
+      std::fill(dst, dst + s.ho * s.wo, bias);
+      const T* xs = x + idx[b] * s.cin * s.h * s.w;
+      for (int64_t c = 0; c < s.cin; ++c) {
+        cpu::add_taps<T>(g, xs + c * s.h * s.w, w + c * taps, 1, dst);
       }
     }
   });
@@ -142,13 +165,28 @@ class CpuBackend final : public Backend {
   }
 
   void channel_candidates(const Sweep& s, const Site& st, int64_t k, const at::Tensor& vals,
-                          int64_t K, const at::Tensor& idx, const at::Tensor& out) const override {
+                          int64_t K, const at::Tensor& idx, const at::Tensor& base,
+                          const at::Tensor& out) const override {
     AT_DISPATCH_FLOATING_TYPES(s.param.scalar_type(), "fused channel_candidates", [&] {
-      channel_candidates_cpu<scalar_t>(s, st, vals.const_data_ptr<scalar_t>(), K,
-                                       s.param.const_data_ptr<scalar_t>()[k],
-                                       idx.const_data_ptr<int64_t>(), idx.numel(),
-                                       out.mutable_data_ptr<scalar_t>());
+      channel_candidates_cpu<scalar_t>(
+          s, st, vals.const_data_ptr<scalar_t>(), K, s.param.const_data_ptr<scalar_t>()[k],
+          idx.const_data_ptr<int64_t>(), idx.numel(),
+          base.defined() ? base.const_data_ptr<scalar_t>() : nullptr,
+          out.mutable_data_ptr<scalar_t>());
     });
+  }
+
+  at::Tensor fresh_channel(const Sweep& s, int64_t o, const at::Tensor& idx) const override {
+    const Op& layer = s.prog.ops[0];
+    if (!layer.t[0].is_contiguous() || (layer.t[1].defined() && !layer.t[1].is_contiguous())) {
+      return Backend::fresh_channel(s, o, idx);
+    }
+    at::Tensor out = at::empty({idx.numel(), 1, s.ho, s.wo}, s.z.options());
+    AT_DISPATCH_FLOATING_TYPES(s.param.scalar_type(), "fused fresh_channel", [&] {
+      fresh_channel_cpu<scalar_t>(s, o, idx.const_data_ptr<int64_t>(), idx.numel(),
+                                  out.mutable_data_ptr<scalar_t>());
+    });
+    return out;
   }
 
   at::Tensor logits_layer_losses(const Sweep& s, int64_t o, const at::Tensor& cand, int64_t K,

@@ -101,7 +101,12 @@ class CudaBackend final : public Backend {
   }
 
   void channel_candidates(const Sweep& s, const Site& st, int64_t k, const at::Tensor& vals,
-                          int64_t K, const at::Tensor& idx, const at::Tensor& out) const override {
+                          int64_t K, const at::Tensor& idx, const at::Tensor& base,
+                          const at::Tensor& out) const override {
+    if (base.defined()) {
+      channel_candidates_aten(s, st, k, vals, K, idx, base, out);
+      return;
+    }
     const cuda::ChannelSite site = channel_site(s, st);
     cudaStream_t stream = at::cuda::getCurrentCUDAStream();
     dispatch_float(s.param.scalar_type(), [&](auto zero) {

@@ -4,6 +4,9 @@
 #include <ATen/ATen.h>
 
 #include <string>
+#include <vector>
+
+#include "program_cpu.h"
 
 namespace rso {
 
@@ -87,6 +90,9 @@ at::Tensor apply_dense(const Op& op, const at::Tensor& x, int64_t groups) {
     case OpKind::Linear:
       return at::linear(x, op.t[0], op.t[1]);
     case OpKind::BatchNorm: {
+      if (cpu::handles(x)) {
+        return cpu::batch_norm(op, x, groups, -1, {}, {}, /*relu=*/false);
+      }
       if (op.p[0] == 0) {
         return at::batch_norm(x, op.t[0], op.t[1], op.t[2], op.t[3], false, 0.0, op.eps, false);
       }
@@ -102,13 +108,17 @@ at::Tensor apply_dense(const Op& op, const at::Tensor& x, int64_t groups) {
       return out;
     }
     case OpKind::ReLU:
-      return at::relu(x);
+      return cpu::handles(x) ? cpu::relu(x) : at::relu(x);
     case OpKind::AvgPool:
-      return at::avg_pool2d(x, {op.p[0], op.p[0]}, {op.p[1], op.p[1]}, {op.p[2], op.p[2]});
+      return cpu::handles(x) ? cpu::pool2d(op, x)
+                             : at::avg_pool2d(x, {op.p[0], op.p[0]}, {op.p[1], op.p[1]},
+                                              {op.p[2], op.p[2]});
     case OpKind::MaxPool:
-      return at::max_pool2d(x, {op.p[0], op.p[0]}, {op.p[1], op.p[1]}, {op.p[2], op.p[2]});
+      return cpu::handles(x) ? cpu::pool2d(op, x)
+                             : at::max_pool2d(x, {op.p[0], op.p[0]}, {op.p[1], op.p[1]},
+                                              {op.p[2], op.p[2]});
     case OpKind::GlobalAvgPool:
-      return x.mean({2, 3}, /*keepdim=*/true);
+      return cpu::handles(x) ? cpu::global_avg_pool(x) : x.mean({2, 3}, /*keepdim=*/true);
     case OpKind::Flatten:
       return x.reshape({x.size(0), -1});
   }
@@ -120,6 +130,11 @@ at::Tensor apply_single(const Op& op, const at::Tensor& x, int64_t o, int64_t gr
   if (op.kind != OpKind::BatchNorm) {
     TORCH_CHECK(!op.mixing(), "fused program: a channel-local pass met ", kind_name(op.kind));
     return apply_dense(op, x, groups);
+  }
+  if (cpu::handles(x)) {
+    return cpu::batch_norm(op, x.reshape({x.size(0), 1, -1}), groups, o, gamma, beta,
+                           /*relu=*/false)
+        .view(x.sizes());
   }
   // [G, B*rest]: per-group statistics of channel o (biased variance, as BatchNorm trains).
   const at::Tensor flat = x.reshape({groups, -1});
@@ -134,6 +149,21 @@ at::Tensor apply_single(const Op& op, const at::Tensor& x, int64_t o, int64_t gr
   }
   const at::Tensor y = (flat - mean) * at::rsqrt(var + op.eps) * g + b;
   return y.reshape(x.sizes());
+}
+
+at::Tensor mixing_single_add(const Op& op, const at::Tensor& base, const at::Tensor& dx,
+                             int64_t o, int64_t groups) {
+  if (cpu::handles(base) && cpu::handles(dx)) {
+    return cpu::mixing_single_add(op, base, dx, o, groups);
+  }
+  const at::Tensor corr = mixing_single(op, dx, o);  // [G*B, Cn, ...]
+  std::vector<int64_t> shape = {groups, base.size(0)};
+  std::vector<int64_t> flat_shape = {groups * base.size(0)};
+  for (int64_t j = 1; j < base.dim(); ++j) {
+    shape.push_back(base.size(j));
+    flat_shape.push_back(base.size(j));
+  }
+  return (corr.view(shape) + base.unsqueeze(0)).view(flat_shape);
 }
 
 at::Tensor mixing_single(const Op& op, const at::Tensor& dx, int64_t o) {

@@ -58,4 +58,9 @@ at::Tensor apply_single(const Op& op, const at::Tensor& x, int64_t o, int64_t gr
 // block of channel o is w features wide).
 at::Tensor mixing_single(const Op& op, const at::Tensor& dx, int64_t o);
 
+// The mixing op's output for `groups` changes of channel o: base [B, Cn, ...] (its output for
+// the shared state) plus mixing_single(dx) [G*B, ...] for each group; [G*B, Cn, ...].
+at::Tensor mixing_single_add(const Op& op, const at::Tensor& base, const at::Tensor& dx,
+                             int64_t o, int64_t groups);
+
 }  // namespace rso

@@ -1,0 +1,364 @@
+// Hand-written CPU passes of the channel-local program ops (program_cpu.h).
+#include "program_cpu.h"
+
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <vector>
+
+#include "cpu_clones.h"
+#include "program.h"
+
+
+namespace rso {
+namespace cpu {
+namespace {
+
+// sum and sum of squares of p[0..n) in double (eight independent accumulators, so the loop
+// vectorises without reassociating a single running sum).
+template <typename T>
+RSO_CPU_CLONES void sums(const T* p, int64_t n, double& s1, double& s2) {
+  double a[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+  double q[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    for (int j = 0; j < 8; ++j) {
+      const double v = static_cast<double>(p[i + j]);
+      a[j] += v;
+      q[j] += v * v;
+    }
+  }
+  for (; i < n; ++i) {
+    const double v = static_cast<double>(p[i]);
+    a[0] += v;
+    q[0] += v * v;
+  }
+  for (int j = 0; j < 8; ++j) {
+    s1 += a[j];
+    s2 += q[j];
+  }
+}
+
+// out = (x - center) * scale + shift (then max(., 0) when relu), elementwise over n values.
+template <typename T>
+RSO_CPU_CLONES void affine(const T* x, T* out, int64_t n, T center, T scale, T shift, bool relu) {
+  if (relu) {
+    for (int64_t i = 0; i < n; ++i) {
+      const T v = (x[i] - center) * scale + shift;
+      out[i] = v > T(0) ? v : (v == v ? T(0) : v);  // NaN passes, as at::relu
+    }
+  } else {
+    for (int64_t i = 0; i < n; ++i) {
+      out[i] = (x[i] - center) * scale + shift;
+    }
+  }
+}
+
+template <typename T>
+RSO_CPU_CLONES void relu_range(const T* x, T* out, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) {
+    const T v = x[i];
+    out[i] = v > T(0) ? v : (v == v ? T(0) : v);
+  }
+}
+
+template <typename T>
+RSO_CPU_CLONES void pool_plane(const T* x, T* out, int64_t H, int64_t W, int64_t Ho, int64_t Wo,
+                               int64_t k, int64_t s, int64_t p, bool avg) {
+  for (int64_t oy = 0; oy < Ho; ++oy) {
+    for (int64_t ox = 0; ox < Wo; ++ox) {
+      int64_t y0 = oy * s - p, x0 = ox * s - p;
+      int64_t y1 = std::min(y0 + k, H + p), x1 = std::min(x0 + k, W + p);
+      const int64_t pool_size = (y1 - y0) * (x1 - x0);
+      y0 = std::max<int64_t>(y0, 0);
+      x0 = std::max<int64_t>(x0, 0);
+      y1 = std::min(y1, H);
+      x1 = std::min(x1, W);
+      if (avg) {
+        T sum = 0;
+        for (int64_t y = y0; y < y1; ++y) {
+          for (int64_t xx = x0; xx < x1; ++xx) {
+            sum += x[y * W + xx];
+          }
+        }
+        out[oy * Wo + ox] = sum / static_cast<T>(pool_size);
+      } else {
+        T m = -std::numeric_limits<T>::infinity();
+        for (int64_t y = y0; y < y1; ++y) {
+          for (int64_t xx = x0; xx < x1; ++xx) {
+            const T v = x[y * W + xx];
+            if (v > m || v != v) {
+              m = v;
+            }
+          }
+        }
+        out[oy * Wo + ox] = m;
+      }
+    }
+  }
+}
+
+}  // namespace
+
+template <typename T>
+RSO_CPU_CLONES void add_taps(const ConvGeom& g, const T* in, const T* taps, int64_t tap_stride,
+                             T* out) {
+  for (int64_t ky = 0; ky < g.kh; ++ky) {
+    for (int64_t kx = 0; kx < g.kw; ++kx) {
+      const T wv = taps[(ky * g.kw + kx) * tap_stride];
+      // output columns whose input column xx * sw - pw + kx lies inside [0, w)
+      const int64_t x0 = std::max<int64_t>(0, (g.pw - kx + g.sw - 1) / g.sw);
+      const int64_t x1 = std::min<int64_t>(g.wo, (g.w + g.pw - kx + g.sw - 1) / g.sw);
+      for (int64_t y = 0; y < g.ho; ++y) {
+        const int64_t iy = y * g.sh - g.ph + ky;
+        if (iy < 0 || iy >= g.h) {
+          continue;
+        }
+        const T* row = in + iy * g.w + kx - g.pw;
+        T* orow = out + y * g.wo;
+        if (g.sw == 1) {
+          for (int64_t xx = x0; xx < x1; ++xx) {
+            orow[xx] += wv * row[xx];
+          }
+        } else {
+          for (int64_t xx = x0; xx < x1; ++xx) {
+            orow[xx] += wv * row[xx * g.sw];
+          }
+        }
+      }
+    }
+  }
+}
+
+namespace {
+
+// One sample of a single-input-channel convolution with stride 1 to Cn (a multiple of 8)
+// output channels, added to `base`: out[c] = base[c] + sum_taps wt[tap][c] * in shifted.
+// `pad` is the input plane zero-padded to [ph + h + ph, pw_] (pw_ covers the 8-wide column
+// blocks past wo) and `tmp` a [Cn, ho, wo8] scratch. The inner block keeps 8 channels x 8
+// columns in registers and streams the taps over it.
+template <typename T>
+RSO_CPU_CLONES void conv1ch_add_sample(const ConvGeom& g, int64_t Cn, const T* pad, int64_t pw_,
+                                       const T* wt, const T* base, T* tmp, int64_t wo8, T* out) {
+  const int64_t taps = g.kh * g.kw;
+  for (int64_t c = 0; c < Cn; ++c) {
+    for (int64_t y = 0; y < g.ho; ++y) {
+      const T* src = base + (c * g.ho + y) * g.wo;
+      T* dst = tmp + (c * g.ho + y) * wo8;
+      std::copy(src, src + g.wo, dst);
+      std::fill(dst + g.wo, dst + wo8, T(0));
+    }
+  }
+  for (int64_t cb = 0; cb < Cn; cb += 8) {
+    for (int64_t y = 0; y < g.ho; ++y) {
+      for (int64_t xb = 0; xb < wo8; xb += 8) {
+        T acc[8][8];
+        for (int i = 0; i < 8; ++i) {
+          for (int j = 0; j < 8; ++j) {
+            acc[i][j] = tmp[((cb + i) * g.ho + y) * wo8 + xb + j];
+          }
+        }
+        for (int64_t t = 0; t < taps; ++t) {
+          const T* in = pad + (y + t / g.kw) * pw_ + xb + t % g.kw;
+          const T* w = wt + t * Cn + cb;
+          for (int i = 0; i < 8; ++i) {
+            for (int j = 0; j < 8; ++j) {
+              acc[i][j] += w[i] * in[j];
+            }
+          }
+        }
+        for (int i = 0; i < 8; ++i) {
+          for (int j = 0; j < 8; ++j) {
+            tmp[((cb + i) * g.ho + y) * wo8 + xb + j] = acc[i][j];
+          }
+        }
+      }
+    }
+  }
+  for (int64_t c = 0; c < Cn; ++c) {
+    for (int64_t y = 0; y < g.ho; ++y) {
+      const T* src = tmp + (c * g.ho + y) * wo8;
+      std::copy(src, src + g.wo, out + (c * g.ho + y) * g.wo);
+    }
+  }
+}
+
+}  // namespace
+
+template void add_taps<float>(const ConvGeom&, const float*, const float*, int64_t, float*);
+template void add_taps<double>(const ConvGeom&, const double*, const double*, int64_t, double*);
+
+at::Tensor mixing_single_add(const Op& op, const at::Tensor& base, const at::Tensor& dx,
+                             int64_t o, int64_t groups) {
+  const int64_t B = base.size(0);
+  if (op.kind == OpKind::Linear) {
+    const int64_t w = dx.size(1);
+    const at::Tensor corr = at::linear(dx, op.t[0].narrow(1, o * w, w));  // [G*B, Cn]
+    return (corr.view({groups, B, -1}) + base.unsqueeze(0)).view({groups * B, -1});
+  }
+  const at::Tensor W = op.t[0].contiguous();
+  const int64_t Cn = W.size(0), Cin = W.size(1), kh = W.size(2), kw = W.size(3);
+  const ConvGeom g{dx.size(2), dx.size(3), base.size(2), base.size(3), kh, kw,
+                   op.p[0], op.p[1], op.p[2], op.p[3]};
+  const at::Tensor d = dx.contiguous();
+  const at::Tensor bs = base.contiguous();
+  at::Tensor out = at::empty({groups * B, Cn, g.ho, g.wo}, base.options());
+  if (g.sh == 1 && g.sw == 1 && Cn % 8 == 0) {
+    // register-blocked: padded input plane and 8x8 (channel x column) accumulator blocks
+    const int64_t wo8 = (g.wo + 7) / 8 * 8;
+    const int64_t hp = g.h + 2 * g.ph;
+    const int64_t wp = std::max(g.w + 2 * g.pw, wo8 + g.kw - 1);
+    const at::Tensor wt = W.select(1, o).reshape({Cn, kh * kw}).t().contiguous();  // [taps, Cn]
+    AT_DISPATCH_FLOATING_TYPES(base.scalar_type(), "rso mixing_single_add", [&] {
+      const scalar_t* dp = d.const_data_ptr<scalar_t>();
+      const scalar_t* bp = bs.const_data_ptr<scalar_t>();
+      const scalar_t* wtp = wt.const_data_ptr<scalar_t>();
+      scalar_t* yp = out.mutable_data_ptr<scalar_t>();
+      const int64_t plane = Cn * g.ho * g.wo;
+      at::parallel_for(0, groups * B, 4, [&](int64_t a, int64_t e) {
+        std::vector<scalar_t> pad(hp * wp), tmp(Cn * g.ho * wo8);
+        for (int64_t n = a; n < e; ++n) {
+          const scalar_t* src = dp + n * g.h * g.w;
+          std::fill(pad.begin(), pad.end(), scalar_t(0));
+          for (int64_t y = 0; y < g.h; ++y) {
+            std::copy(src + y * g.w, src + (y + 1) * g.w, pad.data() + (y + g.ph) * wp + g.pw);
+          }
+          conv1ch_add_sample<scalar_t>(g, Cn, pad.data(), wp, wtp, bp + (n % B) * plane,
+                                       tmp.data(), wo8, yp + n * plane);
+        }
+      });
+    });
+    return out;
+  }
+  AT_DISPATCH_FLOATING_TYPES(base.scalar_type(), "rso mixing_single_add", [&] {
+    const scalar_t* dp = d.const_data_ptr<scalar_t>();
+    const scalar_t* bp = bs.const_data_ptr<scalar_t>();
+    const scalar_t* wp = W.const_data_ptr<scalar_t>();
+    scalar_t* yp = out.mutable_data_ptr<scalar_t>();
+    const int64_t plane = g.ho * g.wo;
+    at::parallel_for(0, groups * B * Cn, 16, [&](int64_t a, int64_t e) {
+      for (int64_t t = a; t < e; ++t) {
+        const int64_t n = t / Cn, c = t % Cn;  // sample of the K*B batch, output channel
+        scalar_t* dst = yp + t * plane;
+        const scalar_t* src = bp + ((n % B) * Cn + c) * plane;
+        std::copy(src, src + plane, dst);
+        add_taps<scalar_t>(g, dp + n * g.h * g.w, wp + (c * Cin + o) * kh * kw, 1, dst);
+      }
+    });
+  });
+  return out;
+}
+
+bool handles(const at::Tensor& x) {
+  return x.device().is_cpu() && x.is_contiguous() &&
+         (x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble);
+}
+
+at::Tensor batch_norm(const Op& op, const at::Tensor& x, int64_t groups, int64_t o,
+                      const at::Tensor& gamma, const at::Tensor& beta, bool relu) {
+  const int64_t N = x.size(0), C = x.size(1);
+  const int64_t B = N / groups;
+  const int64_t HW = N * C == 0 ? 0 : x.numel() / (N * C);
+  const bool batch_stats = op.p[0] == 1;
+  const bool group_gamma = gamma.defined(), group_beta = beta.defined();
+  at::Tensor out = at::empty_like(x);
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "rso batch_norm", [&] {
+    const scalar_t* xp = x.const_data_ptr<scalar_t>();
+    scalar_t* yp = out.mutable_data_ptr<scalar_t>();
+    const at::Tensor g_t = (group_gamma ? gamma : op.t[0]).contiguous().to(x.scalar_type());
+    const at::Tensor b_t = (group_beta ? beta : op.t[1]).contiguous().to(x.scalar_type());
+    const scalar_t* gp = g_t.const_data_ptr<scalar_t>();
+    const scalar_t* bp = b_t.const_data_ptr<scalar_t>();
+    at::Tensor rm, rv;
+    if (!batch_stats) {
+      rm = op.t[2].contiguous().to(at::kDouble);
+      rv = op.t[3].contiguous().to(at::kDouble);
+    }
+    at::parallel_for(0, groups * C, 1, [&](int64_t t0, int64_t t1) {
+      for (int64_t t = t0; t < t1; ++t) {
+        const int64_t g = t / C, c = t % C;
+        const int64_t ch = o < 0 ? c : o;  // the channel of the op's parameters
+        double mean, var;
+        if (batch_stats) {
+          double s1 = 0.0, s2 = 0.0;
+          for (int64_t b = 0; b < B; ++b) {
+            sums(xp + ((g * B + b) * C + c) * HW, HW, s1, s2);
+          }
+          const double n = static_cast<double>(B * HW);
+          mean = s1 / n;
+          var = std::max(s2 / n - mean * mean, 0.0);
+        } else {
+          mean = rm.const_data_ptr<double>()[ch];
+          var = rv.const_data_ptr<double>()[ch];
+        }
+        const double gm = static_cast<double>(group_gamma ? gp[g] : gp[ch]);
+        const double bt = static_cast<double>(group_beta ? bp[g] : bp[ch]);
+        const scalar_t m = static_cast<scalar_t>(mean);
+        const scalar_t sc = static_cast<scalar_t>(gm / std::sqrt(var + op.eps));
+        const scalar_t sh = static_cast<scalar_t>(bt);
+        for (int64_t b = 0; b < B; ++b) {
+          const int64_t off = ((g * B + b) * C + c) * HW;
+          affine(xp + off, yp + off, HW, m, sc, sh, relu);
+        }
+      }
+    });
+  });
+  return out;
+}
+
+at::Tensor relu(const at::Tensor& x) {
+  at::Tensor out = at::empty_like(x);
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "rso relu", [&] {
+    const scalar_t* xp = x.const_data_ptr<scalar_t>();
+    scalar_t* yp = out.mutable_data_ptr<scalar_t>();
+    at::parallel_for(0, x.numel(), 1 << 14, [&](int64_t a, int64_t b) {
+      relu_range(xp + a, yp + a, b - a);
+    });
+  });
+  return out;
+}
+
+at::Tensor pool2d(const Op& op, const at::Tensor& x) {
+  TORCH_CHECK(x.dim() == 4, "fused program: a pooling op needs a 4-D input, got ", x.sizes());
+  const int64_t k = op.p[0], s = op.p[1], p = op.p[2];
+  const int64_t H = x.size(2), W = x.size(3);
+  TORCH_CHECK(H + 2 * p >= k && W + 2 * p >= k && 2 * p <= k, "fused program: pooling kernel ",
+              k, " with padding ", p, " does not fit the input ", x.sizes());
+  const int64_t Ho = (H + 2 * p - k) / s + 1, Wo = (W + 2 * p - k) / s + 1;
+  at::Tensor out = at::empty({x.size(0), x.size(1), Ho, Wo}, x.options());
+  const bool avg = op.kind == OpKind::AvgPool;
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "rso pool2d", [&] {
+    const scalar_t* xp = x.const_data_ptr<scalar_t>();
+    scalar_t* yp = out.mutable_data_ptr<scalar_t>();
+    at::parallel_for(0, x.size(0) * x.size(1), 16, [&](int64_t a, int64_t b) {
+      for (int64_t i = a; i < b; ++i) {
+        pool_plane(xp + i * H * W, yp + i * Ho * Wo, H, W, Ho, Wo, k, s, p, avg);
+      }
+    });
+  });
+  return out;
+}
+
+at::Tensor global_avg_pool(const at::Tensor& x) {
+  TORCH_CHECK(x.dim() == 4, "fused program: global average pooling needs a 4-D input, got ",
+              x.sizes());
+  const int64_t planes = x.size(0) * x.size(1), HW = x.size(2) * x.size(3);
+  at::Tensor out = at::empty({x.size(0), x.size(1), 1, 1}, x.options());
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "rso global_avg_pool", [&] {
+    const scalar_t* xp = x.const_data_ptr<scalar_t>();
+    scalar_t* yp = out.mutable_data_ptr<scalar_t>();
+    at::parallel_for(0, planes, 64, [&](int64_t a, int64_t b) {
+      for (int64_t i = a; i < b; ++i) {
+        double s1 = 0.0, s2 = 0.0;
+        sums(xp + i * HW, HW, s1, s2);
+        yp[i] = static_cast<scalar_t>(s1 / static_cast<double>(HW));
+      }
+    });
+  });
+  return out;
+}
+
+}  // namespace cpu
+}  // namespace rso

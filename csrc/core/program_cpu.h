@@ -1,0 +1,57 @@
+// Hand-written CPU passes for the channel-local ops of a lowered program (program.h):
+// BatchNorm with per-group batch statistics (or fixed statistics), ReLU, average / max
+// pooling and global average pooling, on contiguous float32/float64 CPU tensors.
+//
+// They compute what the ATen calls in program.cpp compute (ATen's window and divisor rules
+// for pooling, biased variance for BatchNorm, statistics accumulated in float64) in one or
+// two passes over memory, parallel over planes, with an AVX2 clone of every inner loop. The
+// fused evaluation runs these ops on K*B-sample batches once per weight, where ATen's
+// generic kernels cost as much as the convolutions.
+#pragma once
+
+#include <ATen/ATen.h>
+
+namespace rso {
+
+struct Op;
+
+namespace cpu {
+
+// True when the CPU passes below take `x`.
+bool handles(const at::Tensor& x);
+
+// BatchNorm of `x` [G*B, C, ...] over `groups` = G equal groups of samples (each group its
+// own batch statistics, unless the op holds running statistics). Dense (`o` < 0): the op's
+// C channels. Single channel (`o` >= 0, C == 1): channel o's parameters, or per-group
+// `gamma` and/or `beta` [G] where defined (the candidates of a swept BatchNorm parameter). `relu` applies a ReLU to the result in the same pass.
+at::Tensor batch_norm(const Op& op, const at::Tensor& x, int64_t groups, int64_t o,
+                      const at::Tensor& gamma, const at::Tensor& beta, bool relu);
+
+at::Tensor relu(const at::Tensor& x);
+
+// AvgPool2d (count_include_pad, floor mode) and MaxPool2d (NaN propagates) of [N, C, H, W].
+at::Tensor pool2d(const Op& op, const at::Tensor& x);
+
+// Mean over the spatial positions: [N, C, H, W] -> [N, C, 1, 1].
+at::Tensor global_avg_pool(const at::Tensor& x);
+
+// The geometry of one input plane -> output plane of a 2-D convolution.
+struct ConvGeom {
+  int64_t h, w, ho, wo, kh, kw, sh, sw, ph, pw;
+};
+
+// out [ho, wo] += sum over taps (ky, kx) of taps[(ky * kw + kx) * tap_stride] * the input
+// plane `in` [h, w] at (y * sh - ph + ky, x * sw - pw + kx), zero outside: one input
+// channel's share of one output channel of a convolution.
+template <typename T>
+void add_taps(const ConvGeom& g, const T* in, const T* taps, int64_t tap_stride, T* out);
+
+// The next mixing layer on the shared state plus one change of channel o per group:
+// base [B, Cn, ...] is the layer's output for the shared state and dx [G*B, 1, h, w] (conv)
+// or [G*B, w] (linear) the change of channel o (its w features after Flatten) per sample
+// of each group; returns [G*B, Cn, ...] = base (for every group) + the change's share.
+at::Tensor mixing_single_add(const Op& op, const at::Tensor& base, const at::Tensor& dx,
+                             int64_t o, int64_t groups);
+
+}  // namespace cpu
+}  // namespace rso
