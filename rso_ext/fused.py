@@ -28,6 +28,34 @@ def _ops():
     return _OPS
 
 
+def _snapshot(modules) -> list[torch.Tensor]:
+    return [t.detach().clone() for m in modules for t in (*m.parameters(), *m.buffers())]
+
+
+def _same(a: list[torch.Tensor], b: list[torch.Tensor]) -> bool:
+    return len(a) == len(b) and all(torch.equal(u, v) for u, v in zip(a, b))
+
+
+class CacheStore:
+    """The caches of the last unit sweep, kept for the next unit of the same layer (a conv's
+    BatchNorm gamma and beta are swept right after its weights, on the same ``X_d`` and
+    ``Z_d``). ``X_d`` is reused while the pool and every parameter and buffer of the layers
+    before d are unchanged, ``Z_d`` while layer d's are too (compared by value, so a BatchNorm
+    recalibration that reproduces its statistics keeps them)."""
+
+    def __init__(self) -> None:
+        self.entry: Optional[dict] = None
+
+    def take(self) -> Optional[dict]:
+        """The stored entry, removed from the store (so it is freed before new caches are
+        built unless the caller keeps it)."""
+        entry, self.entry = self.entry, None
+        return entry
+
+    def put(self, **entry) -> None:
+        self.entry = entry
+
+
 class FusedSweeper:
     """The fused weight loop of one unit (the :class:`rso_ext.sweep.Sweeper` protocol), also
     usable as a per-weight candidate evaluator (``losses``/``set``) by other methods."""
@@ -35,8 +63,9 @@ class FusedSweeper:
     #: weights handed to one call of the compiled sweep (bounds the minibatch index matrix)
     max_chunk = 4096
 
-    def __init__(self, plan: Plan, unit: Unit, chunk: int = 1000) -> None:
-        self.plan, self.unit, self.chunk = plan, unit, chunk
+    def __init__(self, plan: Plan, unit: Unit, chunk: int = 1000,
+                 store: Optional[CacheStore] = None) -> None:
+        self.plan, self.unit, self.chunk, self.store = plan, unit, chunk, store
         self.x = self.z = self.y = None
 
     # -- caches -------------------------------------------------------------------------------
@@ -48,18 +77,30 @@ class FusedSweeper:
         children = [s.module for s in self.plan.steps]
         start = self.prog.pop("start")
         prefix, layer = children[:start], children[start]
-        xs, zs = [], []
-        for s in range(0, len(x), self.chunk):
-            h = x[s:s + self.chunk]
-            for m in prefix:
-                h = m(h)
-            xs.append(h)
-            zs.append(layer(h))
-        self.x = torch.cat(xs).contiguous()
-        self.z = torch.cat(zs).contiguous()
+        self._key = (start, x, x._version)
+        self._prefix, self._layer = _snapshot(prefix), _snapshot([layer])
+        old = self.store.take() if self.store is not None else None
+        if old is not None and old["key"][0] == start and old["key"][1] is x and \
+                old["key"][2] == x._version and _same(old["prefix"], self._prefix):
+            self.x = old["x"]
+            self.z = old["z"] if _same(old["layer"], self._layer) else self._chunked(layer, self.x)
+        else:
+            del old
+            self.x = None
+            self.x = self._chunked(torch.nn.Sequential(*prefix), x)
+            self.z = self._chunked(layer, self.x)
         self.y = y
 
+    def _chunked(self, f: Callable, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([f(x[s:s + self.chunk]) for s in range(0, len(x), self.chunk)]).contiguous()
+
     def end(self) -> None:
+        """Drop the caches, or hand them to the store with the state they are exact for."""
+        if self.store is not None and self.x is not None:
+            children = [s.module for s in self.plan.steps]
+            start = self._key[0]
+            self.store.put(key=self._key, x=self.x, z=self.z,
+                           prefix=_snapshot(children[:start]), layer=_snapshot([children[start]]))
         self.x = self.z = self.y = None
 
     def cache_bytes(self) -> int:

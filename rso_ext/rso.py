@@ -18,7 +18,7 @@ from torch import nn
 from . import batchnorm, memory, schedule
 from .data import check_data, from_dataset
 from .evaluate import make_evaluator
-from .fused import FusedSweeper
+from .fused import CacheStore, FusedSweeper
 from .plan import Plan, PlanError, lower
 from .sweep import NonFiniteLossError, Sweeper, TorchSweeper
 from .streams import SAMPLERS, SweepStreams
@@ -134,6 +134,7 @@ class RSO:
         self.plan: Optional[Plan] = None
         self.memory_limit = memory_limit
         self._footprint: Optional[tuple[torch.Size, list]] = None
+        self._caches = CacheStore()   # fused: X_d / Z_d handed from a layer's unit to the next
 
     # -- set-up -----------------------------------------------------------------------------
     def _prepare(self, x: torch.Tensor) -> None:
@@ -260,6 +261,10 @@ class RSO:
             finally:
                 bar.close()
                 sweeper.end()
+                nxt = index + 1
+                if self.plan is None or nxt == len(self.units) or \
+                        self.plan.owner(self.units[nxt]) != self.plan.owner(unit):
+                    self._caches.take()   # the next unit sweeps another layer: free them now
         return SweepStats(self.cycle, index, unit.name, n, accepted,
                           loss_sum / n / h["batch_size"], sigma, time.perf_counter() - t0,
                           index == len(self.units) - 1)
@@ -346,7 +351,7 @@ class RSO:
     def sweeper(self, unit: Unit) -> Sweeper:
         """The weight loop of this object's backend for ``unit``."""
         if self.plan is not None:
-            return FusedSweeper(self.plan, unit)
+            return FusedSweeper(self.plan, unit, store=self._caches)
         return TorchSweeper(unit, make_evaluator(self.model, unit))
 
     @property

@@ -10,7 +10,7 @@ from torch import nn
 from rso_ext import RSO, models
 from rso_ext.batchnorm import calibrate, search_mode
 from rso_ext.evaluate import FullForward
-from rso_ext.fused import FusedSweeper
+from rso_ext.fused import CacheStore as FusedStore, FusedSweeper
 from rso_ext.plan import PlanError, lower
 from rso_ext.streams import SweepStreams
 from rso_ext.sweep import NonFiniteLossError
@@ -309,3 +309,57 @@ def test_non_finite_candidates_are_never_chosen_and_a_non_finite_state_is_report
                                 30, 30)
     with pytest.raises(NonFiniteLossError, match=r"layer 'conv2.weight', weight 0"):
         sw.run(0, 4, streams, 1.0)
+
+
+def test_cache_store_hands_caches_to_the_next_unit_of_the_same_layer_only_while_exact():
+    net = _paper_like(1)
+    x, y = toy_data(60, seed=2)
+    calibrate(net, x)
+    order = [m for _, m in execution_order(net, x[:2])]
+    plan = lower(net, x[:2])
+    units = {u.name: u for u in visit_units(net, x[:2])}
+    store = FusedStore()
+
+    def begin(name):
+        unit = units[name]
+        sw = FusedSweeper(plan, unit, store=store)
+        with search_mode(net, order, unit.position):
+            sw.begin(x, y)
+            want_x = net[:4](x)
+            torch.testing.assert_close(sw.x, want_x, rtol=0, atol=0)
+            torch.testing.assert_close(sw.z, net.conv2(want_x), rtol=1e-6, atol=1e-6)
+        return sw
+
+    sw = begin("conv2.weight")
+    x0, z0 = sw.x, sw.z
+    sw.end()
+    sw = begin("bn2.bias")                       # nothing changed: both reused
+    assert sw.x is x0 and sw.z is z0
+    sw.end()
+    with torch.no_grad():
+        net.conv2.weight[0, 0, 0, 0] += 0.5       # the layer moved: X_d reused, Z_d rebuilt
+    sw = begin("bn2.weight")
+    assert sw.x is x0 and sw.z is not z0
+    sw.end()
+    with torch.no_grad():
+        net.conv1.weight[0, 0, 0, 0] += 0.5       # a layer before it moved: both rebuilt
+    sw = begin("bn2.weight")
+    assert sw.x is not x0
+    sw.end()
+    assert store.take() is not None and store.take() is None
+
+
+def test_fused_runs_equal_with_and_without_handing_caches_on():
+    x, y = toy_data(90, seed=6)
+    nets = []
+    for keep in (True, False):
+        net = _paper_like(4)
+        rso = RSO(net, cycles=1, batch_size=30, backend="fused",
+                  generator=torch.Generator().manual_seed(2))
+        if not keep:
+            rso._caches = type("NoStore", (), {"take": lambda s: None,
+                                               "put": lambda s, **e: None})()
+        list(rso.run(x, y))
+        nets.append(net)
+    for p, q in zip(nets[0].parameters(), nets[1].parameters()):
+        assert torch.equal(p, q)

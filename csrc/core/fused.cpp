@@ -271,18 +271,17 @@ at::Tensor evaluate(const Backend& be, const Sweep& s, int64_t k, const at::Tens
     zb.narrow(1, st.o, 1).copy_(fresh_o);
   }
   const int64_t chain_end = prog.next < 0 ? n_ops : prog.next;
-  at::Tensor a_cur = zb;
   at::Tensor a_o = zo;
   at::Tensor cur_o = zb.narrow(1, st.o, 1);
   for (int64_t i = 1; i < chain_end; ++i) {
     const Op& op = prog.ops[i];
-    a_cur = apply_dense(op, a_cur, 1);
     const bool swept = i == s.unit_op && !channel_moves;
     a_o = apply_single(op, a_o, st.o, K, swept && s.kind == UnitKind::Gamma ? vals : at::Tensor(),
                        swept && s.kind == UnitKind::Beta ? vals : at::Tensor());
     cur_o = apply_single(op, cur_o, st.o, 1, at::Tensor(), at::Tensor());
   }
   const at::Tensor d_a = (a_o.reshape({K, B, -1}) - cur_o.reshape({1, B, -1}));  // [K, B, w]
+  const at::Tensor a_cur = run_dense(prog, 1, chain_end, zb, 1);  // overwrites zb
   at::Tensor logits;
   if (prog.next < 0) {  // channel-local ops up to the logits
     const int64_t width = d_a.size(2);
@@ -291,11 +290,8 @@ at::Tensor evaluate(const Backend& be, const Sweep& s, int64_t k, const at::Tens
   } else {
     const Op& mix = prog.ops[prog.next];
     const at::Tensor base = apply_dense(mix, a_cur, 1);                  // [B, Cn, ...]
-    at::Tensor h = mixing_single_add(mix, base, d_a.reshape(a_o.sizes()), st.o, K);
-    for (int64_t i = prog.next + 1; i < n_ops; ++i) {
-      h = apply_dense(prog.ops[i], h, K);
-    }
-    logits = h.reshape({K, B, -1});
+    const at::Tensor h = mixing_single_add(mix, base, d_a.reshape(a_o.sizes()), st.o, K);
+    logits = run_dense(prog, prog.next + 1, n_ops, h, K).reshape({K, B, -1});
   }
   // The CUDA backend checks the labels against s.classes up front: keep the shape walk
   // honest on every backend (a host-side check, no read-back).

@@ -91,7 +91,7 @@ at::Tensor apply_dense(const Op& op, const at::Tensor& x, int64_t groups) {
       return at::linear(x, op.t[0], op.t[1]);
     case OpKind::BatchNorm: {
       if (cpu::handles(x)) {
-        return cpu::batch_norm(op, x, groups, -1, {}, {}, /*relu=*/false);
+        return cpu::batch_norm(op, x, groups, -1, {}, {}, /*relu=*/false, /*inplace=*/false);
       }
       if (op.p[0] == 0) {
         return at::batch_norm(x, op.t[0], op.t[1], op.t[2], op.t[3], false, 0.0, op.eps, false);
@@ -108,7 +108,7 @@ at::Tensor apply_dense(const Op& op, const at::Tensor& x, int64_t groups) {
       return out;
     }
     case OpKind::ReLU:
-      return cpu::handles(x) ? cpu::relu(x) : at::relu(x);
+      return cpu::handles(x) ? cpu::relu(x, /*inplace=*/false) : at::relu(x);
     case OpKind::AvgPool:
       return cpu::handles(x) ? cpu::pool2d(op, x)
                              : at::avg_pool2d(x, {op.p[0], op.p[0]}, {op.p[1], op.p[1]},
@@ -125,6 +125,25 @@ at::Tensor apply_dense(const Op& op, const at::Tensor& x, int64_t groups) {
   TORCH_CHECK(false, "fused program: unknown op");
 }
 
+at::Tensor run_dense(const Program& prog, int64_t begin, int64_t end, at::Tensor x,
+                     int64_t groups) {
+  for (int64_t i = begin; i < end; ++i) {
+    const Op& op = prog.ops[i];
+    if (cpu::handles(x) && (op.kind == OpKind::BatchNorm || op.kind == OpKind::ReLU)) {
+      if (op.kind == OpKind::ReLU) {
+        x = cpu::relu(x, /*inplace=*/true);
+        continue;
+      }
+      const bool relu = i + 1 < end && prog.ops[i + 1].kind == OpKind::ReLU;
+      x = cpu::batch_norm(op, x, groups, -1, {}, {}, relu, /*inplace=*/true);
+      i += relu ? 1 : 0;
+      continue;
+    }
+    x = apply_dense(op, x, groups);
+  }
+  return x;
+}
+
 at::Tensor apply_single(const Op& op, const at::Tensor& x, int64_t o, int64_t groups,
                         const at::Tensor& gamma, const at::Tensor& beta) {
   if (op.kind != OpKind::BatchNorm) {
@@ -133,7 +152,7 @@ at::Tensor apply_single(const Op& op, const at::Tensor& x, int64_t o, int64_t gr
   }
   if (cpu::handles(x)) {
     return cpu::batch_norm(op, x.reshape({x.size(0), 1, -1}), groups, o, gamma, beta,
-                           /*relu=*/false)
+                           /*relu=*/false, /*inplace=*/false)
         .view(x.sizes());
   }
   // [G, B*rest]: per-group statistics of channel o (biased variance, as BatchNorm trains).

@@ -47,6 +47,12 @@ Program parse_program(at::IntArrayRef kinds, at::IntArrayRef params, at::ArrayRe
 // statistics normalises each group with its own statistics (one group per candidate).
 at::Tensor apply_dense(const Op& op, const at::Tensor& x, int64_t groups);
 
+// Ops [begin, end) of `prog` densely over `x`, as apply_dense one after the other; `x` is a
+// temporary of the caller's, which the CPU passes may overwrite (a BatchNorm followed by a
+// ReLU is then one pass in place).
+at::Tensor run_dense(const Program& prog, int64_t begin, int64_t end, at::Tensor x,
+                     int64_t groups);
+
 // The same op on channel `o` alone: `x` is [G*B, 1, ...] (or [G*B, w] after Flatten), G
 // groups. A BatchNorm takes channel o's parameters, or per-group `gamma`/`beta` [G] when
 // given (the candidates of a swept BatchNorm parameter).

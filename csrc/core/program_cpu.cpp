@@ -64,6 +64,30 @@ RSO_CPU_CLONES void relu_range(const T* x, T* out, int64_t n) {
   }
 }
 
+// 2x2 windows, stride 2, no padding: the paper nets' pooling.
+template <typename T>
+RSO_CPU_CLONES void pool2x2_plane(const T* x, T* out, int64_t W, int64_t Ho, int64_t Wo,
+                                  bool avg) {
+  for (int64_t oy = 0; oy < Ho; ++oy) {
+    const T* r0 = x + 2 * oy * W;
+    const T* r1 = r0 + W;
+    T* o = out + oy * Wo;
+    if (avg) {
+      for (int64_t ox = 0; ox < Wo; ++ox) {
+        o[ox] = ((r0[2 * ox] + r0[2 * ox + 1]) + (r1[2 * ox] + r1[2 * ox + 1])) / T(4);
+      }
+    } else {
+      for (int64_t ox = 0; ox < Wo; ++ox) {
+        T m = -std::numeric_limits<T>::infinity();
+        for (const T v : {r0[2 * ox], r0[2 * ox + 1], r1[2 * ox], r1[2 * ox + 1]}) {
+          m = (v > m || v != v) ? v : m;
+        }
+        o[ox] = m;
+      }
+    }
+  }
+}
+
 template <typename T>
 RSO_CPU_CLONES void pool_plane(const T* x, T* out, int64_t H, int64_t W, int64_t Ho, int64_t Wo,
                                int64_t k, int64_t s, int64_t p, bool avg) {
@@ -257,13 +281,13 @@ bool handles(const at::Tensor& x) {
 }
 
 at::Tensor batch_norm(const Op& op, const at::Tensor& x, int64_t groups, int64_t o,
-                      const at::Tensor& gamma, const at::Tensor& beta, bool relu) {
+                      const at::Tensor& gamma, const at::Tensor& beta, bool relu, bool inplace) {
   const int64_t N = x.size(0), C = x.size(1);
   const int64_t B = N / groups;
   const int64_t HW = N * C == 0 ? 0 : x.numel() / (N * C);
   const bool batch_stats = op.p[0] == 1;
   const bool group_gamma = gamma.defined(), group_beta = beta.defined();
-  at::Tensor out = at::empty_like(x);
+  at::Tensor out = inplace ? x : at::empty_like(x);
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "rso batch_norm", [&] {
     const scalar_t* xp = x.const_data_ptr<scalar_t>();
     scalar_t* yp = out.mutable_data_ptr<scalar_t>();
@@ -308,8 +332,8 @@ at::Tensor batch_norm(const Op& op, const at::Tensor& x, int64_t groups, int64_t
   return out;
 }
 
-at::Tensor relu(const at::Tensor& x) {
-  at::Tensor out = at::empty_like(x);
+at::Tensor relu(const at::Tensor& x, bool inplace) {
+  at::Tensor out = inplace ? x : at::empty_like(x);
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "rso relu", [&] {
     const scalar_t* xp = x.const_data_ptr<scalar_t>();
     scalar_t* yp = out.mutable_data_ptr<scalar_t>();
@@ -334,7 +358,11 @@ at::Tensor pool2d(const Op& op, const at::Tensor& x) {
     scalar_t* yp = out.mutable_data_ptr<scalar_t>();
     at::parallel_for(0, x.size(0) * x.size(1), 16, [&](int64_t a, int64_t b) {
       for (int64_t i = a; i < b; ++i) {
-        pool_plane(xp + i * H * W, yp + i * Ho * Wo, H, W, Ho, Wo, k, s, p, avg);
+        if (k == 2 && s == 2 && p == 0) {
+          pool2x2_plane(xp + i * H * W, yp + i * Ho * Wo, W, Ho, Wo, avg);
+        } else {
+          pool_plane(xp + i * H * W, yp + i * Ho * Wo, H, W, Ho, Wo, k, s, p, avg);
+        }
       }
     });
   });

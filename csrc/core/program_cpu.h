@@ -23,11 +23,12 @@ bool handles(const at::Tensor& x);
 // BatchNorm of `x` [G*B, C, ...] over `groups` = G equal groups of samples (each group its
 // own batch statistics, unless the op holds running statistics). Dense (`o` < 0): the op's
 // C channels. Single channel (`o` >= 0, C == 1): channel o's parameters, or per-group
-// `gamma` and/or `beta` [G] where defined (the candidates of a swept BatchNorm parameter). `relu` applies a ReLU to the result in the same pass.
+// `gamma` and/or `beta` [G] where defined (the candidates of a swept BatchNorm parameter).
+// `relu` applies a ReLU to the result in the same pass; `inplace` writes it over x.
 at::Tensor batch_norm(const Op& op, const at::Tensor& x, int64_t groups, int64_t o,
-                      const at::Tensor& gamma, const at::Tensor& beta, bool relu);
+                      const at::Tensor& gamma, const at::Tensor& beta, bool relu, bool inplace);
 
-at::Tensor relu(const at::Tensor& x);
+at::Tensor relu(const at::Tensor& x, bool inplace);
 
 // AvgPool2d (count_include_pad, floor mode) and MaxPool2d (NaN propagates) of [N, C, H, W].
 at::Tensor pool2d(const Op& op, const at::Tensor& x);
