@@ -30,7 +30,7 @@ void channel_candidates_cpu(const Sweep& s, const Site& st, const T* vals, int64
   const int64_t hwo = s.ho * s.wo;
   const bool moves_weight = s.kind == UnitKind::Weight;
   const bool moves_bias = s.kind == UnitKind::Bias;
-  at::parallel_for(0, B, 16, [&](int64_t b0, int64_t b1) {
+  at::parallel_for(0, B, cpu::grain_for(K * hwo), [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) {
       const int64_t n = idx[b];
       const T* zrow = base != nullptr ? base + b * hwo : z + (n * s.cout + st.o) * hwo;
@@ -92,7 +92,7 @@ void apply_move_cpu(const Sweep& s, const Site& st, T d) {
   const T* x = s.x.const_data_ptr<T>();
   const int64_t hwo = s.ho * s.wo;
   const int64_t N = s.x.size(0);
-  at::parallel_for(0, N, 64, [&](int64_t n0, int64_t n1) {
+  at::parallel_for(0, N, cpu::grain_for(hwo), [&](int64_t n0, int64_t n1) {
     for (int64_t n = n0; n < n1; ++n) {
       T* zrow = z + (n * s.cout + st.o) * hwo;
       if (s.kind == UnitKind::Bias) {
@@ -129,7 +129,7 @@ void logits_layer_losses_cpu(const Sweep& s, int64_t o, const T* cand, int64_t K
   const int64_t* target = s.target.const_data_ptr<int64_t>();
   const int64_t C = s.cout;
   std::vector<double> per(static_cast<size_t>(K * B));
-  at::parallel_for(0, B, 64, [&](int64_t b0, int64_t b1) {
+  at::parallel_for(0, B, cpu::grain_for(C * (K + 2) * 8), [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) {
       const int64_t n = idx[b];
       const T* row = z + n * C;

@@ -217,10 +217,33 @@ template void add_taps<double>(const ConvGeom&, const double*, const double*, in
 at::Tensor mixing_single_add(const Op& op, const at::Tensor& base, const at::Tensor& dx,
                              int64_t o, int64_t groups) {
   const int64_t B = base.size(0);
-  if (op.kind == OpKind::Linear) {
+  if (op.kind == OpKind::Linear) {  // out[n, :] = base[n % B, :] + W[:, o*w : o*w+w] dx[n, :]
     const int64_t w = dx.size(1);
-    const at::Tensor corr = at::linear(dx, op.t[0].narrow(1, o * w, w));  // [G*B, Cn]
-    return (corr.view({groups, B, -1}) + base.unsqueeze(0)).view({groups * B, -1});
+    const at::Tensor W = op.t[0].contiguous();
+    const at::Tensor d = dx.contiguous();
+    const at::Tensor bs = base.contiguous();
+    const int64_t Cn = W.size(0), F = W.size(1);
+    at::Tensor out = at::empty({groups * B, Cn}, base.options());
+    AT_DISPATCH_FLOATING_TYPES(base.scalar_type(), "rso mixing_single_add", [&] {
+      const scalar_t* dp = d.const_data_ptr<scalar_t>();
+      const scalar_t* bp = bs.const_data_ptr<scalar_t>();
+      const scalar_t* wp = W.const_data_ptr<scalar_t>() + o * w;
+      scalar_t* yp = out.mutable_data_ptr<scalar_t>();
+      at::parallel_for(0, groups * B, grain_for(Cn * w), [&](int64_t a, int64_t e) {
+        for (int64_t n = a; n < e; ++n) {
+          const scalar_t* dn = dp + n * w;
+          const scalar_t* src = bp + (n % B) * Cn;
+          for (int64_t c = 0; c < Cn; ++c) {
+            scalar_t acc = src[c];
+            for (int64_t j = 0; j < w; ++j) {
+              acc += wp[c * F + j] * dn[j];
+            }
+            yp[n * Cn + c] = acc;
+          }
+        }
+      });
+    });
+    return out;
   }
   const at::Tensor W = op.t[0].contiguous();
   const int64_t Cn = W.size(0), Cin = W.size(1), kh = W.size(2), kw = W.size(3);
@@ -300,7 +323,8 @@ at::Tensor batch_norm(const Op& op, const at::Tensor& x, int64_t groups, int64_t
       rm = op.t[2].contiguous().to(at::kDouble);
       rv = op.t[3].contiguous().to(at::kDouble);
     }
-    at::parallel_for(0, groups * C, 1, [&](int64_t t0, int64_t t1) {
+    const int64_t grain = grain_for(2 * B * HW);
+    at::parallel_for(0, groups * C, grain, [&](int64_t t0, int64_t t1) {
       for (int64_t t = t0; t < t1; ++t) {
         const int64_t g = t / C, c = t % C;
         const int64_t ch = o < 0 ? c : o;  // the channel of the op's parameters
@@ -356,7 +380,8 @@ at::Tensor pool2d(const Op& op, const at::Tensor& x) {
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "rso pool2d", [&] {
     const scalar_t* xp = x.const_data_ptr<scalar_t>();
     scalar_t* yp = out.mutable_data_ptr<scalar_t>();
-    at::parallel_for(0, x.size(0) * x.size(1), 16, [&](int64_t a, int64_t b) {
+    const int64_t grain = grain_for(Ho * Wo * k * k);
+    at::parallel_for(0, x.size(0) * x.size(1), grain, [&](int64_t a, int64_t b) {
       for (int64_t i = a; i < b; ++i) {
         if (k == 2 && s == 2 && p == 0) {
           pool2x2_plane(xp + i * H * W, yp + i * Ho * Wo, W, Ho, Wo, avg);
@@ -377,7 +402,7 @@ at::Tensor global_avg_pool(const at::Tensor& x) {
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "rso global_avg_pool", [&] {
     const scalar_t* xp = x.const_data_ptr<scalar_t>();
     scalar_t* yp = out.mutable_data_ptr<scalar_t>();
-    at::parallel_for(0, planes, 64, [&](int64_t a, int64_t b) {
+    at::parallel_for(0, planes, grain_for(HW), [&](int64_t a, int64_t b) {
       for (int64_t i = a; i < b; ++i) {
         double s1 = 0.0, s2 = 0.0;
         sums(xp + i * HW, HW, s1, s2);

@@ -11,11 +11,19 @@
 
 #include <ATen/ATen.h>
 
+#include <algorithm>
+
 namespace rso {
 
 struct Op;
 
 namespace cpu {
+
+// Grain for at::parallel_for over items of `work` element operations each: ranges below about
+// 16k operations stay on the calling thread (waking the pool costs more than they do).
+inline int64_t grain_for(int64_t work) {
+  return std::max<int64_t>(1, (int64_t{1} << 14) / std::max<int64_t>(1, work));
+}
 
 // True when the CPU passes below take `x`.
 bool handles(const at::Tensor& x);
