@@ -78,21 +78,23 @@ class FusedSweeper:
         start = self.prog.pop("start")
         prefix, layer = children[:start], children[start]
         self._key = (start, x, x._version)
-        self._prefix, self._layer = _snapshot(prefix), _snapshot([layer])
         old = self.store.take() if self.store is not None else None
         if old is not None and old["key"][0] == start and old["key"][1] is x and \
-                old["key"][2] == x._version and _same(old["prefix"], self._prefix):
-            self.x = old["x"]
-            self.z = old["z"] if _same(old["layer"], self._layer) else self._chunked(layer, self.x)
+                old["key"][2] == x._version and _same(old["prefix"], _snapshot(prefix)):
+            self.x = old.pop("x")
+            self.z = old.pop("z") if _same(old["layer"], _snapshot([layer])) else None
+            del old    # an outdated Z_d is freed before it is rebuilt
+            if self.z is None:
+                self.z = self._chunked(layer, self.x)
         else:
-            del old
-            self.x = None
+            del old    # free the other layer's caches before building these
             self.x = self._chunked(torch.nn.Sequential(*prefix), x)
             self.z = self._chunked(layer, self.x)
         self.y = y
 
     def _chunked(self, f: Callable, x: torch.Tensor) -> torch.Tensor:
-        return torch.cat([f(x[s:s + self.chunk]) for s in range(0, len(x), self.chunk)]).contiguous()
+        parts = [f(x[s:s + self.chunk]) for s in range(0, len(x), self.chunk)]
+        return torch.cat(parts).contiguous()
 
     def end(self) -> None:
         """Drop the caches, or hand them to the store with the state they are exact for."""
