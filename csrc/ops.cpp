@@ -26,6 +26,10 @@ TORCH_LIBRARY(rso_ext, m) {
   m.def("fused_sweep(Tensor x, Tensor(a!) z, Tensor(b!) param, Tensor target, "
         "int[] op_kinds, int[] op_params, float[] op_eps, Tensor?[] op_tensors, "
         "int unit_kind, int unit_op, int k0, Tensor values, Tensor batches) -> (Tensor, Tensor)");
+  //   the ops of a program (any first op; BatchNorm with p[0] = 0 uses its running
+  //   statistics) densely over x: the prefix forward that builds the caches:
+  m.def("program_forward(Tensor x, int[] op_kinds, int[] op_params, float[] op_eps, "
+        "Tensor?[] op_tensors) -> Tensor");
   //   set entry k of param to value and keep z exact:
   m.def("fused_set_weight(Tensor x, Tensor(a!) z, Tensor(b!) param, "
         "int[] op_kinds, int[] op_params, float[] op_eps, Tensor?[] op_tensors, "

@@ -85,12 +85,26 @@ class FusedSweeper:
             self.z = old.pop("z") if _same(old["layer"], _snapshot([layer])) else None
             del old    # an outdated Z_d is freed before it is rebuilt
             if self.z is None:
-                self.z = self._chunked(layer, self.x)
+                self.z = self._chunked(self._forward(start, start + 1), self.x)
         else:
             del old    # free the other layer's caches before building these
-            self.x = self._chunked(torch.nn.Sequential(*prefix), x)
-            self.z = self._chunked(layer, self.x)
+            self.x = self._chunked(self._forward(0, start), x)
+            self.z = self._chunked(self._forward(start, start + 1), self.x)
         self.y = y
+
+    def _forward(self, begin: int, stop: int) -> Callable[[torch.Tensor], torch.Tensor]:
+        """Children ``begin .. stop-1`` as one function: the compiled program forward on the
+        CPU (hand-written passes for BatchNorm, ReLU, pooling and one-channel convolutions),
+        the modules elsewhere."""
+        modules = torch.nn.Sequential(*[s.module for s in self.plan.steps[begin:stop]])
+        prog = self.plan.forward_program(begin, stop)
+
+        def run(h: torch.Tensor) -> torch.Tensor:
+            if not prog["op_kinds"] or h.device.type != "cpu":
+                return modules(h)
+            return _ops().program_forward(h, prog["op_kinds"], prog["op_params"],
+                                          prog["op_eps"], prog["op_tensors"])
+        return run
 
     def _chunked(self, f: Callable, x: torch.Tensor) -> torch.Tensor:
         parts = [f(x[s:s + self.chunk]) for s in range(0, len(x), self.chunk)]

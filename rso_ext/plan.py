@@ -159,6 +159,23 @@ class Plan:
             raise PlanError(f"BatchNorm {unit.name!r} runs before any conv/linear layer")
         return owner
 
+    def forward_program(self, begin: int, stop: int) -> dict:
+        """Arguments of ``rso_ext::program_forward`` for children ``begin .. stop-1`` as they
+        are now: a BatchNorm in eval mode with running statistics uses them, else batch ones."""
+        kinds, params, eps, tensors = [], [], [], []
+        for s in self.steps[begin:stop]:
+            if s.kind is None:
+                continue
+            p = list(s.params)
+            if s.kind == BN:
+                m = s.module
+                p[0] = int(m.training or m.running_mean is None)
+            kinds.append(s.kind)
+            params += p
+            eps.append(s.eps)
+            tensors += s.tensors()
+        return dict(op_kinds=kinds, op_params=params, op_eps=eps, op_tensors=tensors)
+
     def program(self, unit: Unit) -> dict:
         """Arguments of the fused ops for sweeping ``unit`` (live views of the parameters)."""
         start = self.owner(unit)

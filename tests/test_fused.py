@@ -326,7 +326,7 @@ def test_cache_store_hands_caches_to_the_next_unit_of_the_same_layer_only_while_
         with search_mode(net, order, unit.position):
             sw.begin(x, y)
             want_x = net[:4](x)
-            torch.testing.assert_close(sw.x, want_x, rtol=0, atol=0)
+            torch.testing.assert_close(sw.x, want_x, rtol=1e-6, atol=1e-6)
             torch.testing.assert_close(sw.z, net.conv2(want_x), rtol=1e-6, atol=1e-6)
         return sw
 
@@ -363,3 +363,39 @@ def test_fused_runs_equal_with_and_without_handing_caches_on():
         nets.append(net)
     for p, q in zip(nets[0].parameters(), nets[1].parameters()):
         assert torch.equal(p, q)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_program_forward_equals_the_modules(seed):
+    """rso_ext::program_forward (the CPU passes that build the caches) against the modules,
+    BatchNorm with running statistics (eval) and with batch statistics (train)."""
+    net, _ = _random_net(seed)
+    if seed == 0:   # plus a one-input-channel conv with 8 outputs (the blocked kernel)
+        net = nn.Sequential(OrderedDict([("c", nn.Conv2d(1, 8, 3, padding=1)),
+                                         ("b", nn.BatchNorm2d(8)), ("r", nn.ReLU()),
+                                         ("p", nn.MaxPool2d(2)), ("f", nn.Flatten()),
+                                         ("out", nn.Linear(8 * 36, 4))]))
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(20, net[0].in_channels, 12, 12, generator=g)
+    calibrate(net, x)
+    plan = lower(net, x[:2])
+    for train in (False, True):
+        net.eval()
+        for m in net.modules():   # BatchNorm statistics by mode; Dropout stays off
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.train(train)
+        prog = plan.forward_program(0, len(plan.steps))
+        got = torch.ops.rso_ext.program_forward(x, prog["op_kinds"], prog["op_params"],
+                                                prog["op_eps"], prog["op_tensors"])
+        with torch.no_grad():
+            want = net(x)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    x0 = x.clone()
+    torch.ops.rso_ext.program_forward(x, [3], [0, 0, 0, 0], [0.0], [None] * 4)  # ReLU first
+    assert torch.equal(x, x0), "program_forward must not write over its input"
+    with pytest.raises(RuntimeError, match="program_forward: x must be float32 or float64"):
+        torch.ops.rso_ext.program_forward(x.long(), prog["op_kinds"], prog["op_params"],
+                                          prog["op_eps"], prog["op_tensors"])
+    with pytest.raises(RuntimeError, match="program_forward: op 0 has tensor 0 of Float"):
+        torch.ops.rso_ext.program_forward(x.double(), prog["op_kinds"], prog["op_params"],
+                                          prog["op_eps"], prog["op_tensors"])

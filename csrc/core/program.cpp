@@ -2,6 +2,7 @@
 #include "program.h"
 
 #include <ATen/ATen.h>
+#include <torch/library.h>
 
 #include <string>
 #include <vector>
@@ -29,9 +30,10 @@ const char* kind_name(OpKind k) {
 }  // namespace
 
 Program parse_program(at::IntArrayRef kinds, at::IntArrayRef params, at::ArrayRef<double> eps,
-                      const c10::List<std::optional<at::Tensor>>& tensors) {
+                      const c10::List<std::optional<at::Tensor>>& tensors,
+                      bool swept_first) {
   const int64_t n = static_cast<int64_t>(kinds.size());
-  TORCH_CHECK(n >= 1, "fused program: needs at least the swept layer, got no ops");
+  TORCH_CHECK(n >= 1 || !swept_first, "fused program: needs at least the swept layer, got no ops");
   TORCH_CHECK(static_cast<int64_t>(params.size()) == 4 * n,
               "fused program: op_params must hold 4 integers per op (", 4 * n, "), got ",
               params.size());
@@ -76,8 +78,8 @@ Program parse_program(at::IntArrayRef kinds, at::IntArrayRef params, at::ArrayRe
       TORCH_CHECK(op.p[0] >= 1 && op.p[1] >= 1 && op.p[2] >= 0, "fused program: op ", i, " (",
                   kind_name(op.kind), ") needs kernel >= 1, stride >= 1, padding >= 0");
     }
-    TORCH_CHECK(i > 0 || op.mixing(), "fused program: op 0 must be the swept Conv2d or Linear, got ",
-                kind_name(op.kind));
+    TORCH_CHECK(i > 0 || op.mixing() || !swept_first,
+                "fused program: op 0 must be the swept Conv2d or Linear, got ", kind_name(op.kind));
     prog.ops.push_back(std::move(op));
   }
   return prog;
@@ -86,6 +88,9 @@ Program parse_program(at::IntArrayRef kinds, at::IntArrayRef params, at::ArrayRe
 at::Tensor apply_dense(const Op& op, const at::Tensor& x, int64_t groups) {
   switch (op.kind) {
     case OpKind::Conv:
+      if (cpu::handles(x) && op.t[0].size(1) == 1) {  // oneDNN is slow on one input channel
+        return cpu::conv2d_one_channel(op, x);
+      }
       return at::conv2d(x, op.t[0], op.t[1], {op.p[0], op.p[1]}, {op.p[2], op.p[3]});
     case OpKind::Linear:
       return at::linear(x, op.t[0], op.t[1]);
@@ -193,6 +198,38 @@ at::Tensor mixing_single(const Op& op, const at::Tensor& dx, int64_t o) {
   }
   const int64_t w = dx.size(1);  // features of channel o after Flatten (1 for a linear input)
   return at::linear(dx, op.t[0].narrow(1, o * w, w));
+}
+
+namespace {
+
+// rso_ext::program_forward: the ops of a program densely over x (any device).
+at::Tensor program_forward(const at::Tensor& x, at::IntArrayRef kinds, at::IntArrayRef params,
+                           at::ArrayRef<double> eps,
+                           const c10::List<std::optional<at::Tensor>>& tensors) {
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble,
+              "program_forward: x must be float32 or float64, got ", x.scalar_type());
+  const Program prog = parse_program(kinds, params, eps, tensors, /*swept_first=*/false);
+  for (size_t i = 0; i < prog.ops.size(); ++i) {
+    for (int j = 0; j < 4; ++j) {
+      const at::Tensor& t = prog.ops[i].t[j];
+      TORCH_CHECK(!t.defined() || (t.device() == x.device() && t.scalar_type() == x.scalar_type()),
+                  "program_forward: op ", i, " has tensor ", j, " of ", t.scalar_type(), " on ",
+                  t.device(), " but x is ", x.scalar_type(), " on ", x.device());
+    }
+  }
+  // run_dense overwrites its input in place: start from a copy when op 0 would
+  at::Tensor h = x.contiguous();
+  if (!prog.ops.empty() && (prog.ops[0].kind == OpKind::BatchNorm ||
+                            prog.ops[0].kind == OpKind::ReLU) && h.is_same(x)) {
+    h = x.clone();
+  }
+  return run_dense(prog, 0, static_cast<int64_t>(prog.ops.size()), h, 1);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(rso_ext, CompositeExplicitAutograd, m) {
+  m.impl("program_forward", &program_forward);
 }
 
 }  // namespace rso

@@ -40,8 +40,10 @@ struct Program {
 };
 
 // Parses and checks the encoding above (TORCH_CHECK errors name the op and the problem).
+// `swept_first`: op 0 must be the swept conv/linear layer (the fused evaluation's programs).
 Program parse_program(at::IntArrayRef kinds, at::IntArrayRef params, at::ArrayRef<double> eps,
-                      const c10::List<std::optional<at::Tensor>>& tensors);
+                      const c10::List<std::optional<at::Tensor>>& tensors,
+                      bool swept_first = true);
 
 // One op over a batch made of `groups` equal groups of samples; BatchNorm with batch
 // statistics normalises each group with its own statistics (one group per candidate).

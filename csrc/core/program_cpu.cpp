@@ -298,6 +298,20 @@ at::Tensor mixing_single_add(const Op& op, const at::Tensor& base, const at::Ten
   return out;
 }
 
+at::Tensor conv2d_one_channel(const Op& op, const at::Tensor& x) {
+  const at::Tensor& W = op.t[0];
+  const int64_t ho = (x.size(2) + 2 * op.p[2] - W.size(2)) / op.p[0] + 1;
+  const int64_t wo = (x.size(3) + 2 * op.p[3] - W.size(3)) / op.p[1] + 1;
+  TORCH_CHECK(ho >= 1 && wo >= 1, "fused program: a Conv2d kernel ", W.sizes(),
+              " does not fit the input ", x.sizes());
+  // one sample's output for a zero input, [1, Cn, ho, wo]: every sample of x is a "group"
+  const at::Tensor base = (op.t[1].defined() ? op.t[1].view({1, -1, 1, 1})
+                                             : at::zeros({1, W.size(0), 1, 1}, x.options()))
+                              .expand({1, W.size(0), ho, wo})
+                              .contiguous();
+  return cpu::mixing_single_add(op, base, x, /*o=*/0, x.size(0));
+}
+
 bool handles(const at::Tensor& x) {
   return x.device().is_cpu() && x.is_contiguous() &&
          (x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble);

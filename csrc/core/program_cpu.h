@@ -62,5 +62,9 @@ void add_taps(const ConvGeom& g, const T* in, const T* taps, int64_t tap_stride,
 at::Tensor mixing_single_add(const Op& op, const at::Tensor& base, const at::Tensor& dx,
                              int64_t o, int64_t groups);
 
+// A Conv2d with one input channel over x [N, 1, h, w] (the register-blocked correction
+// kernel with a zero base: oneDNN runs this shape at a few GMAC/s).
+at::Tensor conv2d_one_channel(const Op& op, const at::Tensor& x);
+
 }  // namespace cpu
 }  // namespace rso
