@@ -52,7 +52,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _env import default_data_root, device_name, git_commit  # noqa: E402
 
 import rso_ext  # noqa: E402
-from rso_ext import RSO, models  # noqa: E402
+from rso_ext import RSO, models, runtime  # noqa: E402
 from rso_ext import rso as rso_module  # noqa: E402
 from rso_ext.data import load_splits  # noqa: E402
 from rso_ext.evaluate import BatchedCandidates, CachedInput, FullForward  # noqa: E402
@@ -251,6 +251,7 @@ def main(argv=None) -> int:
         p.error("--device cuda but torch.cuda.is_available() is False")
     threads = args.threads or len(os.sched_getaffinity(0))
     torch.set_num_threads(threads)
+    malloc_tuned = runtime.reuse_freed_memory()
 
     fused_available = "fused" in rso_module.BACKENDS
     if args.backends:
@@ -415,6 +416,7 @@ def main(argv=None) -> int:
         "device_type": device.type,
         "threads": threads,
         "torch": torch.__version__,
+        "malloc": "freed memory reused (rso_ext.runtime)" if malloc_tuned else "glibc defaults",
         "rso_ext": rso_ext.__version__,
         "commit": git_commit(),
         "command": "python " + shlex.join([os.path.relpath(sys.argv[0], ROOT)] + sys.argv[1:]),

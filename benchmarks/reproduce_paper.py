@@ -40,7 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _env import default_data_root, device_name, git_commit  # noqa: E402
 
 import rso_ext  # noqa: E402
-from rso_ext import data, metrics, models  # noqa: E402
+from rso_ext import data, metrics, models, runtime  # noqa: E402
 from rso_ext.rso import BACKENDS, RSO  # noqa: E402
 
 ALPHA, WEIGHT_DECAY = 0.1, 1e-4
@@ -189,6 +189,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     _resolve(args)
     if args.threads:
         torch.set_num_threads(args.threads)
+    malloc_tuned = runtime.reuse_freed_memory()
     t_start = time.perf_counter()
     splits = data.load_splits("mnist", root=args.data_root, val_size=args.val_size, seed=args.seed)
     if args.train_size is not None:
@@ -237,6 +238,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "device_type": args.device,
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
+        "malloc": "freed memory reused (rso_ext.runtime)" if malloc_tuned else "glibc defaults",
         "rso_ext": getattr(rso_ext, "__version__", None),
         "commit": git_commit(),
         "command": "python " + shlex.join([os.path.relpath(sys.argv[0], ROOT)] + sys.argv[1:])

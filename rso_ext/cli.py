@@ -12,7 +12,7 @@ from typing import Any, Sequence
 
 import torch
 
-from . import checkpoint, data, memory, metrics, models
+from . import checkpoint, data, memory, metrics, models, runtime
 from .methods import METHODS, from_config
 from .rso import BACKENDS, RSO
 from .sweep import NonFiniteLossError
@@ -225,6 +225,7 @@ def train(args: argparse.Namespace) -> int:
             raise SystemExit(f"error: --out {run_dir} is a file, not a folder")
     if cfg["threads"]:
         torch.set_num_threads(cfg["threads"])
+    runtime.reuse_freed_memory()
     # everything that can be refused (data, arguments, model, memory) is, before any file is made
     splits = _load_data(cfg)
     rso = _build(cfg, cfg["device"])

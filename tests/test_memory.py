@@ -133,3 +133,11 @@ def test_available_memory_of_a_gpu():
     assert free <= avail <= total
     with pytest.raises(memory.InsufficientMemoryError, match="free GPU memory"):
         memory.check_fits(total + 1, "cuda", "the sweep", "lower --pool-size")
+
+
+def test_reuse_freed_memory_takes_effect_on_glibc():
+    import platform
+
+    from rso_ext import runtime
+    ok = runtime.reuse_freed_memory()
+    assert ok == (platform.libc_ver()[0] == "glibc")
