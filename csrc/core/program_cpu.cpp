@@ -158,53 +158,78 @@ RSO_CPU_CLONES void add_taps(const ConvGeom& g, const T* in, const T* taps, int6
 
 namespace {
 
+// dst[i][j] = src[i][j] + sum over taps t of wt[t * Cn + i] * in[toff[t] + j] for 8 channels
+// i (rows `cstride` apart) x 8 columns j: the accumulators stay in registers.
+template <typename T>
+__attribute__((always_inline)) inline void block8x8(const T* in, const int64_t* toff,
+                                                    int64_t taps, const T* wt, int64_t Cn,
+                                                    const T* src, T* dst, int64_t cstride) {
+  T acc[8][8];
+  for (int i = 0; i < 8; ++i) {
+    for (int j = 0; j < 8; ++j) {
+      acc[i][j] = src[i * cstride + j];
+    }
+  }
+  for (int64_t t = 0; t < taps; ++t) {
+    const T* ip = in + toff[t];
+    const T* w = wt + t * Cn;
+    for (int i = 0; i < 8; ++i) {
+      for (int j = 0; j < 8; ++j) {
+        acc[i][j] += w[i] * ip[j];
+      }
+    }
+  }
+  for (int i = 0; i < 8; ++i) {
+    for (int j = 0; j < 8; ++j) {
+      dst[i * cstride + j] = acc[i][j];
+    }
+  }
+}
+
 // One sample of a single-input-channel convolution with stride 1 to Cn (a multiple of 8)
 // output channels, added to `base`: out[c] = base[c] + sum_taps wt[tap][c] * in shifted.
-// `pad` is the input plane zero-padded to [ph + h + ph, pw_] (pw_ covers the 8-wide column
-// blocks past wo) and `tmp` a [Cn, ho, wo8] scratch. The inner block keeps 8 channels x 8
-// columns in registers and streams the taps over it.
+// `pad` is the input plane zero-padded to [ph + h + ph, pw_] (pw_ covers 8-wide column
+// blocks past wo). Rows of at least 8 columns are covered by 8-wide blocks, the last one
+// overlapping its neighbour (both write the same values); narrower rows go through `tmp`
+// ([Cn, ho, 8]) so that the blocks never write past a row.
 template <typename T>
 RSO_CPU_CLONES void conv1ch_add_sample(const ConvGeom& g, int64_t Cn, const T* pad, int64_t pw_,
-                                       const T* wt, const T* base, T* tmp, int64_t wo8, T* out) {
+                                       const T* wt, const T* base, T* tmp, T* out) {
   const int64_t taps = g.kh * g.kw;
+  const int64_t plane = g.ho * g.wo;
+  int64_t toff[64];  // offset of each tap in the padded plane (taps <= 64, checked by the caller)
+  for (int64_t t = 0; t < taps; ++t) {
+    toff[t] = (t / g.kw) * pw_ + t % g.kw;
+  }
+  if (g.wo >= 8) {
+    for (int64_t cb = 0; cb < Cn; cb += 8) {
+      for (int64_t y = 0; y < g.ho; ++y) {
+        for (int64_t xb = 0; xb < g.wo; xb += 8) {
+          const int64_t x = std::min(xb, g.wo - 8);
+          const int64_t off = cb * plane + y * g.wo + x;
+          block8x8(pad + y * pw_ + x, toff, taps, wt + cb, Cn, base + off, out + off, plane);
+        }
+      }
+    }
+    return;
+  }
   for (int64_t c = 0; c < Cn; ++c) {
     for (int64_t y = 0; y < g.ho; ++y) {
-      const T* src = base + (c * g.ho + y) * g.wo;
-      T* dst = tmp + (c * g.ho + y) * wo8;
-      std::copy(src, src + g.wo, dst);
-      std::fill(dst + g.wo, dst + wo8, T(0));
+      T* dst = tmp + (c * g.ho + y) * 8;
+      std::copy(base + c * plane + y * g.wo, base + c * plane + (y + 1) * g.wo, dst);
+      std::fill(dst + g.wo, dst + 8, T(0));
     }
   }
   for (int64_t cb = 0; cb < Cn; cb += 8) {
     for (int64_t y = 0; y < g.ho; ++y) {
-      for (int64_t xb = 0; xb < wo8; xb += 8) {
-        T acc[8][8];
-        for (int i = 0; i < 8; ++i) {
-          for (int j = 0; j < 8; ++j) {
-            acc[i][j] = tmp[((cb + i) * g.ho + y) * wo8 + xb + j];
-          }
-        }
-        for (int64_t t = 0; t < taps; ++t) {
-          const T* in = pad + (y + t / g.kw) * pw_ + xb + t % g.kw;
-          const T* w = wt + t * Cn + cb;
-          for (int i = 0; i < 8; ++i) {
-            for (int j = 0; j < 8; ++j) {
-              acc[i][j] += w[i] * in[j];
-            }
-          }
-        }
-        for (int i = 0; i < 8; ++i) {
-          for (int j = 0; j < 8; ++j) {
-            tmp[((cb + i) * g.ho + y) * wo8 + xb + j] = acc[i][j];
-          }
-        }
-      }
+      T* t = tmp + (cb * g.ho + y) * 8;
+      block8x8(pad + y * pw_, toff, taps, wt + cb, Cn, t, t, g.ho * 8);
     }
   }
   for (int64_t c = 0; c < Cn; ++c) {
     for (int64_t y = 0; y < g.ho; ++y) {
-      const T* src = tmp + (c * g.ho + y) * wo8;
-      std::copy(src, src + g.wo, out + (c * g.ho + y) * g.wo);
+      const T* src = tmp + (c * g.ho + y) * 8;
+      std::copy(src, src + g.wo, out + c * plane + y * g.wo);
     }
   }
 }
@@ -252,9 +277,9 @@ at::Tensor mixing_single_add(const Op& op, const at::Tensor& base, const at::Ten
   const at::Tensor d = dx.contiguous();
   const at::Tensor bs = base.contiguous();
   at::Tensor out = at::empty({groups * B, Cn, g.ho, g.wo}, base.options());
-  if (g.sh == 1 && g.sw == 1 && Cn % 8 == 0) {
+  if (g.sh == 1 && g.sw == 1 && Cn % 8 == 0 && kh * kw <= 64) {
     // register-blocked: padded input plane and 8x8 (channel x column) accumulator blocks
-    const int64_t wo8 = (g.wo + 7) / 8 * 8;
+    const int64_t wo8 = std::max<int64_t>(g.wo, 8);   // columns the blocks read
     const int64_t hp = g.h + 2 * g.ph;
     const int64_t wp = std::max(g.w + 2 * g.pw, wo8 + g.kw - 1);
     const at::Tensor wt = W.select(1, o).reshape({Cn, kh * kw}).t().contiguous();  // [taps, Cn]
@@ -265,7 +290,7 @@ at::Tensor mixing_single_add(const Op& op, const at::Tensor& base, const at::Ten
       scalar_t* yp = out.mutable_data_ptr<scalar_t>();
       const int64_t plane = Cn * g.ho * g.wo;
       at::parallel_for(0, groups * B, 4, [&](int64_t a, int64_t e) {
-        std::vector<scalar_t> pad(hp * wp), tmp(Cn * g.ho * wo8);
+        std::vector<scalar_t> pad(hp * wp), tmp(g.wo < 8 ? Cn * g.ho * 8 : 0);
         for (int64_t n = a; n < e; ++n) {
           const scalar_t* src = dp + n * g.h * g.w;
           std::fill(pad.begin(), pad.end(), scalar_t(0));
@@ -273,7 +298,7 @@ at::Tensor mixing_single_add(const Op& op, const at::Tensor& base, const at::Ten
             std::copy(src + y * g.w, src + (y + 1) * g.w, pad.data() + (y + g.ph) * wp + g.pw);
           }
           conv1ch_add_sample<scalar_t>(g, Cn, pad.data(), wp, wtp, bp + (n % B) * plane,
-                                       tmp.data(), wo8, yp + n * plane);
+                                       tmp.data(), yp + n * plane);
         }
       });
     });
