@@ -39,12 +39,18 @@ def _same(a: list[torch.Tensor], b: list[torch.Tensor]) -> bool:
 class CacheStore:
     """The caches of the last unit sweep, kept for the next unit of the same layer (a conv's
     BatchNorm gamma and beta are swept right after its weights, on the same ``X_d`` and
-    ``Z_d``). ``X_d`` is reused while the pool and every parameter and buffer of the layers
-    before d are unchanged, ``Z_d`` while layer d's are too (compared by value, so a BatchNorm
-    recalibration that reproduces its statistics keeps them)."""
+    ``Z_d``), and the inputs of shallower layers computed on the way (the ``stash``), kept for
+    their own sweeps later in the cycle. An ``X_d`` is reused while the pool and every
+    parameter and buffer of the layers before d are unchanged, ``Z_d`` while layer d's are too
+    (compared by value, so a BatchNorm recalibration that reproduces its statistics keeps
+    them)."""
 
-    def __init__(self) -> None:
+    def __init__(self, stash: bool = True) -> None:
         self.entry: Optional[dict] = None
+        #: inputs of shallower layers kept by a cache build from the data, by child index
+        #: (``Plan.stash_points``); ``stash=False`` where every unit gets another pool
+        self.stash: dict[int, dict] = {}
+        self.stashing = stash
 
     def take(self) -> Optional[dict]:
         """The stored entry, removed from the store (so it is freed before new caches are
@@ -88,9 +94,45 @@ class FusedSweeper:
                 self.z = self._chunked(self._forward(start, start + 1), self.x)
         else:
             del old    # free the other layer's caches before building these
-            self.x = self._chunked(self._forward(0, start), x)
+            self.x = self._from_stash(start, x, prefix)
+            if self.x is None:
+                self.x = self._build_input(start, x)
             self.z = self._chunked(self._forward(start, start + 1), self.x)
         self.y = y
+
+    def _from_stash(self, start: int, x: torch.Tensor, prefix) -> Optional[torch.Tensor]:
+        """``X_d`` kept by an earlier build, if it is still exact; drops what the cycle has
+        passed (deeper layers)."""
+        if self.store is None:
+            return None
+        stash = self.store.stash
+        for k in [k for k in stash if k >= start]:
+            entry = stash.pop(k)
+            if k == start and entry["key"][0] is x and entry["key"][1] == x._version and \
+                    _same(entry["prefix"], _snapshot(prefix)):
+                return entry["x"]
+        return None
+
+    def _build_input(self, start: int, x: torch.Tensor) -> torch.Tensor:
+        """``X_d`` from the data through the children before ``start``, in chunks; keeps the
+        inputs of the stash points on the way."""
+        stops = []
+        if self.store is not None and self.store.stashing:
+            self.store.stash.clear()
+            stops = sorted(self.plan.stash_points(start))
+        bounds = stops + [start]
+        runs = [self._forward(a, b) for a, b in zip([0] + bounds[:-1], bounds)]
+        parts: list[list[torch.Tensor]] = [[] for _ in bounds]
+        for s in range(0, len(x), self.chunk):
+            h = x[s:s + self.chunk]
+            for run, out in zip(runs, parts):
+                h = run(h)
+                out.append(h)
+        children = [s.module for s in self.plan.steps]
+        for b, out in zip(stops, parts):
+            self.store.stash[b] = dict(key=(x, x._version), prefix=_snapshot(children[:b]),
+                                       x=torch.cat(out).contiguous())
+        return torch.cat(parts[-1]).contiguous()
 
     def _forward(self, begin: int, stop: int) -> Callable[[torch.Tensor], torch.Tensor]:
         """Children ``begin .. stop-1`` as one function: the compiled program forward on the

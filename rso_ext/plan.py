@@ -131,6 +131,9 @@ class Plan:
                 model.train(was)
         self.steps = [_lower_child(n, m, s, i == len(children) - 1)
                       for i, ((n, m), s) in enumerate(zip(children, shapes))]
+        # numbers per sample entering each child, then leaving the last one
+        self.widths = [int(torch.Size(s[1:]).numel()) for s in shapes] + \
+            [int(torch.Size(h.shape[1:]).numel())]
         self._check_channel_locality(shapes)
 
     def _check_channel_locality(self, shapes: list[torch.Size]) -> None:
@@ -158,6 +161,23 @@ class Plan:
         if owner is None:
             raise PlanError(f"BatchNorm {unit.name!r} runs before any conv/linear layer")
         return owner
+
+    def stash_points(self, start: int) -> list[int]:
+        """The conv/linear children before ``start`` whose inputs a cache build for ``start``
+        should keep for their own unit sweeps later in the cycle (they come shallower, in
+        reverse order): deepest first, as many as keep the caches alive at any later sweep
+        (the kept inputs still ahead plus that layer's input and output) within the largest
+        pair any one layer needs anyway."""
+        w = self.widths
+        mixing = [i for i, s in enumerate(self.steps) if s.kind in (CONV, LINEAR)]
+        peak = max(w[d] + w[d + 1] for d in mixing)
+        chosen: list[int] = []
+        for d in reversed([i for i in mixing if i < start]):
+            trial = chosen + [d]
+            if all(sum(w[k] for k in trial if k < e) + w[e] + w[e + 1] <= peak
+                   for e in mixing if e <= start):
+                chosen = trial
+        return chosen
 
     def forward_program(self, begin: int, stop: int) -> dict:
         """Arguments of ``rso_ext::program_forward`` for children ``begin .. stop-1`` as they

@@ -134,7 +134,8 @@ class RSO:
         self.plan: Optional[Plan] = None
         self.memory_limit = memory_limit
         self._footprint: Optional[tuple[torch.Size, list]] = None
-        self._caches = CacheStore()   # fused: X_d / Z_d handed from a layer's unit to the next
+        # fused: caches handed from a layer's unit to the next, and shallower layers' inputs
+        self._caches = CacheStore(stash=pool_size is None)
 
     # -- set-up -----------------------------------------------------------------------------
     def _prepare(self, x: torch.Tensor) -> None:

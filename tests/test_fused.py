@@ -349,20 +349,48 @@ def test_cache_store_hands_caches_to_the_next_unit_of_the_same_layer_only_while_
     assert store.take() is not None and store.take() is None
 
 
+class _NoStore:
+    stash: dict = {}
+    stashing = False
+
+    def take(self):
+        return None
+
+    def put(self, **entry):
+        pass
+
+
 def test_fused_runs_equal_with_and_without_handing_caches_on():
+    """Caches handed to the BatchNorm units and inputs stashed for shallower layers change
+    nothing: the same weights, bit for bit, as building every cache from the data."""
     x, y = toy_data(90, seed=6)
-    nets = []
-    for keep in (True, False):
+    nets, stashed = [], []
+    for store in (None, FusedStore(stash=False), _NoStore()):
         net = _paper_like(4)
-        rso = RSO(net, cycles=1, batch_size=30, backend="fused",
+        rso = RSO(net, cycles=2, batch_size=30, backend="fused",
                   generator=torch.Generator().manual_seed(2))
-        if not keep:
-            rso._caches = type("NoStore", (), {"take": lambda s: None,
-                                               "put": lambda s, **e: None})()
-        list(rso.run(x, y))
+        rso._caches = store or rso._caches
+        seen = []
+        for _ in rso.run(x, y):
+            seen.append(sorted(rso._caches.stash))
         nets.append(net)
-    for p, q in zip(nets[0].parameters(), nets[1].parameters()):
-        assert torch.equal(p, q)
+        stashed.append(seen)
+    assert [0] in stashed[0] and not any(stashed[1]) and not any(stashed[2])
+    for other in nets[1:]:
+        for p, q in zip(nets[0].parameters(), other.parameters()):
+            assert torch.equal(p, q)
+
+
+def test_stash_keeps_shallower_inputs_within_the_largest_layer_cache():
+    net = models.paper_mnist(torch.Generator().manual_seed(0))
+    plan = lower(net, torch.zeros(2, 1, 28, 28))
+    names = [s.name for s in plan.steps]
+    fc = names.index("fc")
+    got = [names[i] for i in plan.stash_points(fc)]
+    # inputs per sample: conv2 12,544, conv3/conv4 3,136, conv5/conv6 784; conv2's own caches
+    # (12,544 + 12,544) are the largest pair, so everything from conv2 on fits
+    assert got == ["conv6", "conv5", "conv4", "conv3", "conv2"]
+    assert plan.stash_points(names.index("conv1")) == []
 
 
 @pytest.mark.parametrize("seed", range(6))
