@@ -403,6 +403,14 @@ def test_program_forward_equals_the_modules(seed):
                                          ("b", nn.BatchNorm2d(8)), ("r", nn.ReLU()),
                                          ("p", nn.MaxPool2d(2)), ("f", nn.Flatten()),
                                          ("out", nn.Linear(8 * 36, 4))]))
+    if seed == 1:   # and one-output-channel convs, stride 1 (12 wide) and 2 (narrow rows)
+        net = nn.Sequential(OrderedDict([("c", nn.Conv2d(1, 3, 3, padding=1)),
+                                         ("c1", nn.Conv2d(3, 1, 3, padding=1)),
+                                         ("c2", nn.Conv2d(1, 3, 3, padding=1)),
+                                         ("c3", nn.Conv2d(3, 1, 5, stride=2, padding=2)),
+                                         ("c4", nn.Conv2d(1, 2, 3, padding=1, bias=False)),
+                                         ("c5", nn.Conv2d(2, 1, 3, padding=1)),
+                                         ("f", nn.Flatten()), ("out", nn.Linear(36, 4))]))
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(20, net[0].in_channels, 12, 12, generator=g)
     calibrate(net, x)

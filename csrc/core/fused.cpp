@@ -198,9 +198,9 @@ bool lazy_z_pays(const Sweep& s, int64_t B) {
   return 4 * s.x.size(0) > B * s.cin * s.kh * s.kw;
 }
 
-// z[:, o] = channel o of the swept conv layer over the whole pool, from its current weights
-// (chunked; ATen convolution, so it runs where the caches live without a host sync).
-void refresh_channel(const Sweep& s, int64_t o) {
+}  // namespace
+
+void Backend::refresh_channel(const Sweep& s, int64_t o) const {
   const Op& layer = s.prog.ops[0];
   const at::Tensor w = layer.t[0].narrow(0, o, 1);
   const at::Tensor bias = layer.t[1].defined() ? layer.t[1].narrow(0, o, 1) : at::Tensor();
@@ -212,8 +212,6 @@ void refresh_channel(const Sweep& s, int64_t o) {
         at::conv2d(s.x.narrow(0, a, len), w, bias, {s.sh, s.sw}, {s.ph, s.pw}));
   }
 }
-
-}  // namespace
 
 at::Tensor Backend::fresh_channel(const Sweep& s, int64_t o, const at::Tensor& idx) const {
   const Op& layer = s.prog.ops[0];
@@ -356,7 +354,7 @@ std::tuple<at::Tensor, at::Tensor> sweep(
     const bool go_on = be.step(lazy, call, i, k, l, row);
     const int64_t o = site_of(s, k).o;
     if (lazy.lazy_z && (!go_on || i == m - 1 || site_of(s, k + 1).o != o)) {
-      refresh_channel(lazy, o);
+      be.refresh_channel(lazy, o);
     }
     if (!go_on) {
       break;

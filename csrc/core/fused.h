@@ -69,6 +69,10 @@ class Backend {
   // from x and the layer's current weights (a lazy sweep's exact channel). Default: ATen.
   virtual at::Tensor fresh_channel(const Sweep& s, int64_t o, const at::Tensor& idx) const;
 
+  // z[:, o] = channel o of the swept conv layer over the whole pool, from its current
+  // weights (a lazy sweep's refresh once neuron o is done). Default: ATen, chunked.
+  virtual void refresh_channel(const Sweep& s, int64_t o) const;
+
   // float64 [K]: the summed losses when the swept layer gives the logits and only logit o
   // moves, to cand [K*B] (contiguous).
   virtual at::Tensor logits_layer_losses(const Sweep& s, int64_t o, const at::Tensor& cand,

@@ -61,23 +61,23 @@ void channel_candidates_cpu(const Sweep& s, const Site& st, const T* vals, int64
   });
 }
 
-// out [B, 1, ho, wo] = channel o of the conv layer for the samples idx.
+// Channel o of the conv layer for pool samples rows[0..n) (all of them when rows is null)
+// into out + i * out_stride.
 template <typename T>
-void fresh_channel_cpu(const Sweep& s, int64_t o, const int64_t* idx, int64_t B, T* out) {
+void one_channel_cpu(const Sweep& s, int64_t o, const int64_t* rows, int64_t n, T* out,
+                     int64_t out_stride) {
   const Op& layer = s.prog.ops[0];
   const T* x = s.x.const_data_ptr<T>();
   const T* w = layer.t[0].const_data_ptr<T>() + o * s.cin * s.kh * s.kw;
   const T bias = layer.t[1].defined() ? layer.t[1].const_data_ptr<T>()[o] : T(0);
   const cpu::ConvGeom g{s.h, s.w, s.ho, s.wo, s.kh, s.kw, s.sh, s.sw, s.ph, s.pw};
-  const int64_t taps = s.kh * s.kw;
-  at::parallel_for(0, B, 8, [&](int64_t b0, int64_t b1) {
+  const int64_t scratch = cpu::one_channel_scratch(g, s.cin);
+  at::parallel_for(0, n, 8, [&](int64_t b0, int64_t b1) {
+    std::vector<T> buf(scratch);
     for (int64_t b = b0; b < b1; ++b) {
-      T* dst = out + b * s.ho * s.wo;
-      std::fill(dst, dst + s.ho * s.wo, bias);
-      const T* xs = x + idx[b] * s.cin * s.h * s.w;
-      for (int64_t c = 0; c < s.cin; ++c) {
-        cpu::add_taps<T>(g, xs + c * s.h * s.w, w + c * taps, 1, dst);
-      }
+      const int64_t row = rows != nullptr ? rows[b] : b;
+      cpu::conv_one_output_channel<T>(g, s.cin, x + row * s.cin * s.h * s.w, w, bias,
+                                      buf.data(), out + b * out_stride);
     }
   });
 }
@@ -183,10 +183,23 @@ class CpuBackend final : public Backend {
     }
     at::Tensor out = at::empty({idx.numel(), 1, s.ho, s.wo}, s.z.options());
     AT_DISPATCH_FLOATING_TYPES(s.param.scalar_type(), "fused fresh_channel", [&] {
-      fresh_channel_cpu<scalar_t>(s, o, idx.const_data_ptr<int64_t>(), idx.numel(),
-                                  out.mutable_data_ptr<scalar_t>());
+      one_channel_cpu<scalar_t>(s, o, idx.const_data_ptr<int64_t>(), idx.numel(),
+                                out.mutable_data_ptr<scalar_t>(), s.ho * s.wo);
     });
     return out;
+  }
+
+  void refresh_channel(const Sweep& s, int64_t o) const override {
+    const Op& layer = s.prog.ops[0];
+    if (!layer.t[0].is_contiguous() || (layer.t[1].defined() && !layer.t[1].is_contiguous())) {
+      Backend::refresh_channel(s, o);
+      return;
+    }
+    AT_DISPATCH_FLOATING_TYPES(s.param.scalar_type(), "fused refresh_channel", [&] {
+      one_channel_cpu<scalar_t>(s, o, nullptr, s.x.size(0),
+                                s.z.mutable_data_ptr<scalar_t>() + o * s.ho * s.wo,
+                                s.cout * s.ho * s.wo);
+    });
   }
 
   at::Tensor logits_layer_losses(const Sweep& s, int64_t o, const at::Tensor& cand, int64_t K,

@@ -91,6 +91,9 @@ at::Tensor apply_dense(const Op& op, const at::Tensor& x, int64_t groups) {
       if (cpu::handles(x) && op.t[0].size(1) == 1) {  // oneDNN is slow on one input channel
         return cpu::conv2d_one_channel(op, x);
       }
+      if (cpu::handles(x) && op.t[0].size(0) == 1) {  // ... and on one output channel
+        return cpu::conv2d_one_output(op, x);
+      }
       return at::conv2d(x, op.t[0], op.t[1], {op.p[0], op.p[1]}, {op.p[2], op.p[3]});
     case OpKind::Linear:
       return at::linear(x, op.t[0], op.t[1]);

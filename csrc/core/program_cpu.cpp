@@ -236,6 +236,78 @@ RSO_CPU_CLONES void conv1ch_add_sample(const ConvGeom& g, int64_t Cn, const T* p
 
 }  // namespace
 
+namespace {
+
+// Columns a stride-1 register block reads past the output's: the padded plane's width.
+int64_t padded_width(const ConvGeom& g) {
+  return std::max(g.w + 2 * g.pw, std::max<int64_t>(g.wo, 8) + g.kw - 1);
+}
+
+template <typename T>
+RSO_CPU_CLONES void conv_one_output_channel_s1(const ConvGeom& g, int64_t cin, const T* xs,
+                                               const T* w, T bias, T* pad, T* out) {
+  const int64_t hp = g.h + 2 * g.ph, wp = padded_width(g);
+  std::fill(pad, pad + cin * hp * wp, T(0));
+  for (int64_t c = 0; c < cin; ++c) {
+    for (int64_t y = 0; y < g.h; ++y) {
+      const T* src = xs + (c * g.h + y) * g.w;
+      std::copy(src, src + g.w, pad + (c * hp + y + g.ph) * wp + g.pw);
+    }
+  }
+  const int64_t taps = g.kh * g.kw;
+  for (int64_t y = 0; y < g.ho; ++y) {
+    for (int64_t xb = 0; xb < std::max<int64_t>(g.wo, 1); xb += 8) {
+      const int64_t x = g.wo >= 8 ? std::min(xb, g.wo - 8) : 0;
+      // four independent sums (input channels c mod 4) so the FMA latency overlaps
+      T acc[4][8] = {};
+      for (int64_t c = 0; c < cin; ++c) {
+        const T* plane = pad + c * hp * wp + y * wp + x;
+        const T* wc = w + c * taps;
+        T* a = acc[c & 3];
+        for (int64_t ky = 0; ky < g.kh; ++ky) {
+          for (int64_t kx = 0; kx < g.kw; ++kx) {
+            const T wv = wc[ky * g.kw + kx];
+            const T* ip = plane + ky * wp + kx;
+            for (int j = 0; j < 8; ++j) {
+              a[j] += wv * ip[j];
+            }
+          }
+        }
+      }
+      T res[8];
+      for (int j = 0; j < 8; ++j) {
+        res[j] = bias + ((acc[0][j] + acc[1][j]) + (acc[2][j] + acc[3][j]));
+      }
+      const int64_t n = std::min<int64_t>(8, g.wo);
+      std::copy(res, res + n, out + y * g.wo + x);
+    }
+  }
+}
+
+}  // namespace
+
+int64_t one_channel_scratch(const ConvGeom& g, int64_t cin) {
+  return cin * (g.h + 2 * g.ph) * padded_width(g);
+}
+
+template <typename T>
+void conv_one_output_channel(const ConvGeom& g, int64_t cin, const T* xs, const T* w, T bias,
+                             T* scratch, T* out) {
+  if (g.sh == 1 && g.sw == 1) {
+    conv_one_output_channel_s1(g, cin, xs, w, bias, scratch, out);
+    return;
+  }
+  std::fill(out, out + g.ho * g.wo, bias);
+  for (int64_t c = 0; c < cin; ++c) {
+    add_taps<T>(g, xs + c * g.h * g.w, w + c * g.kh * g.kw, 1, out);
+  }
+}
+
+template void conv_one_output_channel<float>(const ConvGeom&, int64_t, const float*,
+                                             const float*, float, float*, float*);
+template void conv_one_output_channel<double>(const ConvGeom&, int64_t, const double*,
+                                              const double*, double, double*, double*);
+
 template void add_taps<float>(const ConvGeom&, const float*, const float*, int64_t, float*);
 template void add_taps<double>(const ConvGeom&, const double*, const double*, int64_t, double*);
 
@@ -317,6 +389,32 @@ at::Tensor mixing_single_add(const Op& op, const at::Tensor& base, const at::Ten
         const scalar_t* src = bp + ((n % B) * Cn + c) * plane;
         std::copy(src, src + plane, dst);
         add_taps<scalar_t>(g, dp + n * g.h * g.w, wp + (c * Cin + o) * kh * kw, 1, dst);
+      }
+    });
+  });
+  return out;
+}
+
+at::Tensor conv2d_one_output(const Op& op, const at::Tensor& x) {
+  const at::Tensor W = op.t[0].contiguous();
+  const ConvGeom g{x.size(2), x.size(3), (x.size(2) + 2 * op.p[2] - W.size(2)) / op.p[0] + 1,
+                   (x.size(3) + 2 * op.p[3] - W.size(3)) / op.p[1] + 1, W.size(2), W.size(3),
+                   op.p[0], op.p[1], op.p[2], op.p[3]};
+  TORCH_CHECK(g.ho >= 1 && g.wo >= 1, "fused program: a Conv2d kernel ", W.sizes(),
+              " does not fit the input ", x.sizes());
+  const int64_t cin = x.size(1);
+  at::Tensor out = at::empty({x.size(0), 1, g.ho, g.wo}, x.options());
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "rso conv2d_one_output", [&] {
+    const scalar_t* xp = x.const_data_ptr<scalar_t>();
+    const scalar_t* wp = W.const_data_ptr<scalar_t>();
+    const scalar_t bias = op.t[1].defined() ? op.t[1].item<scalar_t>() : scalar_t(0);
+    scalar_t* yp = out.mutable_data_ptr<scalar_t>();
+    const int64_t scratch = one_channel_scratch(g, cin);
+    at::parallel_for(0, x.size(0), 8, [&](int64_t a, int64_t e) {
+      std::vector<scalar_t> buf(scratch);
+      for (int64_t n = a; n < e; ++n) {
+        conv_one_output_channel<scalar_t>(g, cin, xp + n * cin * g.h * g.w, wp, bias,
+                                          buf.data(), yp + n * g.ho * g.wo);
       }
     });
   });

@@ -55,12 +55,25 @@ struct ConvGeom {
 template <typename T>
 void add_taps(const ConvGeom& g, const T* in, const T* taps, int64_t tap_stride, T* out);
 
+// out [ho, wo] = bias + one output channel of a convolution of one sample xs [cin, h, w] with
+// weights w [cin, kh, kw]. `scratch` holds at least one_channel_scratch(g, cin) values (the
+// zero-padded input, for stride 1: 8-column register blocks over all input channels; other
+// strides go through add_taps).
+template <typename T>
+void conv_one_output_channel(const ConvGeom& g, int64_t cin, const T* xs, const T* w, T bias,
+                             T* scratch, T* out);
+int64_t one_channel_scratch(const ConvGeom& g, int64_t cin);
+
 // The next mixing layer on the shared state plus one change of channel o per group:
 // base [B, Cn, ...] is the layer's output for the shared state and dx [G*B, 1, h, w] (conv)
 // or [G*B, w] (linear) the change of channel o (its w features after Flatten) per sample
 // of each group; returns [G*B, Cn, ...] = base (for every group) + the change's share.
 at::Tensor mixing_single_add(const Op& op, const at::Tensor& base, const at::Tensor& dx,
                              int64_t o, int64_t groups);
+
+// A Conv2d with one output channel over x [N, cin, h, w] (conv_one_output_channel per sample;
+// oneDNN runs this shape at a few GMAC/s).
+at::Tensor conv2d_one_output(const Op& op, const at::Tensor& x);
 
 // A Conv2d with one input channel over x [N, 1, h, w] (the register-blocked correction
 // kernel with a zero base: oneDNN runs this shape at a few GMAC/s).
