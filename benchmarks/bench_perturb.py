@@ -20,6 +20,10 @@ Per unit sweep the time splits into *setup* (drawing the streams, BatchNorm cali
 the sweeper and its caches in ``begin``, ``end``) and the *weight loop*. The first visited weight
 of each unit is a warm-up: the rate of the unit is (weights - 1) / time of the other weights.
 
+The fused sweep keeps a channel it recomputes per minibatch (large pools) exact at the end
+of each call, as the driver's calls end with a neuron; its timed calls end on neuron
+boundaries too.
+
 ``--quick`` measures the first weights of each unit: every backend sweeps at least
 ``--min-weights`` of them (the *kept* weights, identical on every backend), then goes on sweeping
 until its share of the time budget for this unit is spent; the weights swept beyond the kept ones
@@ -81,9 +85,9 @@ class TimedSweeper:
     :meth:`restore` puts back the weights visited beyond the first ``min_weights``."""
 
     def __init__(self, inner, unit, device: torch.device, cap_s: float | None = None,
-                 min_weights: int = 3) -> None:
+                 min_weights: int = 3, align: int = 1) -> None:
         self.inner, self.unit, self.device = inner, unit, device
-        self.cap_s, self.min_weights = cap_s, min_weights
+        self.cap_s, self.min_weights, self.align = cap_s, min_weights, align
         self.begin_s = self.warm_s = self.run_s = self.end_s = 0.0
         self.visited = 0
 
@@ -112,6 +116,8 @@ class TimedSweeper:
             chunk = max(1, self.min_weights - 1)    # the kept weights in one call
             while k < k1:
                 b = min(k1, k + chunk)
+                if self.align > 1:    # calls end where neurons end, as the driver's do
+                    b = min(k1, k0 + -(-(b - k0) // self.align) * self.align)
                 a, lo = self.inner.run(k, b, streams, decay)
                 sync(self.device)
                 accepted, loss, k = accepted + a, loss + lo, b
@@ -166,13 +172,15 @@ class Backend:
     def sweep(self, index, x, y, device, weights, cap_s=None, min_weights=3) -> dict:
         sync(device)
         t = time.perf_counter()
-        timed = TimedSweeper(self.sweeper(index), self.rso.units[index], device, cap_s,
-                             min_weights)
+        unit = self.rso.units[index]
+        # the fused sweep keeps a lazily recomputed channel exact at the end of every call, as
+        # the driver's calls end with a neuron: time it in whole neurons too
+        align = unit.param.numel() // unit.param.shape[0] if self.name == "fused" else 1
+        timed = TimedSweeper(self.sweeper(index), unit, device, cap_s, min_weights, align)
         build_s = time.perf_counter() - t
         stats = self.rso.sweep_unit(index, x, y, weights=weights, sweeper=timed)
         sync(device)
         total = time.perf_counter() - t
-        unit = self.rso.units[index]
         m = timed.visited
         final = unit.param.detach().reshape(-1)[:m].to("cpu", copy=True)
         timed.restore()
