@@ -9,11 +9,14 @@
 // run densely on K*B samples. When layer d produces the logits, the losses reduce to O(B*C)
 // with the other classes' log-sum-exp shared by the candidates.
 //
-// The caches X_d (layer input) and Z_d (pre-activation) cover the sweep's pool; Z_d is kept
-// exact under every accepted move, the weight-decay step included.
+// The caches X_d (layer input) and Z_d (pre-activation) cover the sweep's pool; Z_d is exact
+// at the end of every call, the weight-decay steps included: updated per accepted move, or,
+// for a conv layer on a pool large next to a minibatch (lazy_z_pays), channel o recomputed
+// for each minibatch and refreshed over the pool when neuron o (or the call) ends.
 //
-// The program passes below are ATen calls and run on the caches' device; the hand-written
-// steps are the Backend's (fused_cpu.cpp; fused_cuda.cpp + csrc/cuda/fused.cu).
+// The program passes (program.cpp) run on the caches' device: ATen calls, hand-written loops
+// on the CPU (program_cpu.cpp); the per-weight steps are the Backend's (fused_cpu.cpp;
+// fused_cuda.cpp + csrc/cuda/fused.cu).
 #include "fused.h"
 
 #include <ATen/ATen.h>
