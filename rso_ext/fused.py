@@ -132,6 +132,7 @@ class FusedSweeper:
         for b, out in zip(stops, parts):
             self.store.stash[b] = dict(key=(x, x._version), prefix=_snapshot(children[:b]),
                                        x=torch.cat(out).contiguous())
+            out.clear()    # one stash entry at a time holds its chunks twice
         return torch.cat(parts[-1]).contiguous()
 
     def _forward(self, begin: int, stop: int) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -140,10 +141,12 @@ class FusedSweeper:
         the modules elsewhere."""
         modules = torch.nn.Sequential(*[s.module for s in self.plan.steps[begin:stop]])
         prog = self.plan.forward_program(begin, stop)
+        # the caller keeps h (a stash entry): an in-place module must not write over it
+        inplace = any(getattr(m, "inplace", False) for m in modules)
 
         def run(h: torch.Tensor) -> torch.Tensor:
             if not prog["op_kinds"] or h.device.type != "cpu":
-                return modules(h)
+                return modules(h.clone() if inplace else h)
             return _ops().program_forward(h, prog["op_kinds"], prog["op_params"],
                                           prog["op_eps"], prog["op_tensors"])
         return run
