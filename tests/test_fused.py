@@ -404,8 +404,8 @@ def test_program_forward_equals_the_modules(seed):
                                          ("p", nn.MaxPool2d(2)), ("f", nn.Flatten()),
                                          ("out", nn.Linear(8 * 36, 4))]))
     if seed == 1:   # and one-output-channel convs, stride 1 (12 wide) and 2 (narrow rows)
-        net = nn.Sequential(OrderedDict([("c", nn.Conv2d(1, 3, 3, padding=1)),
-                                         ("c1", nn.Conv2d(3, 1, 3, padding=1)),
+        net = nn.Sequential(OrderedDict([("c", nn.Conv2d(1, 5, 3, padding=1)),
+                                         ("c1", nn.Conv2d(5, 1, 3, padding=1)),
                                          ("c2", nn.Conv2d(1, 3, 3, padding=1)),
                                          ("c3", nn.Conv2d(3, 1, 5, stride=2, padding=2)),
                                          ("c4", nn.Conv2d(1, 2, 3, padding=1, bias=False)),

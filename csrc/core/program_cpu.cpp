@@ -247,36 +247,53 @@ template <typename T>
 RSO_CPU_CLONES void conv_one_output_channel_s1(const ConvGeom& g, int64_t cin, const T* xs,
                                                const T* w, T bias, T* pad, T* out) {
   const int64_t hp = g.h + 2 * g.ph, wp = padded_width(g);
-  std::fill(pad, pad + cin * hp * wp, T(0));
-  for (int64_t c = 0; c < cin; ++c) {
+  for (int64_t c = 0; c < cin; ++c) {  // the interior only: the margins stay zero
     for (int64_t y = 0; y < g.h; ++y) {
       const T* src = xs + (c * g.h + y) * g.w;
       std::copy(src, src + g.w, pad + (c * hp + y + g.ph) * wp + g.pw);
     }
   }
   const int64_t taps = g.kh * g.kw;
+  int64_t toff[64];  // each tap's offset in a padded plane (taps <= 64, checked by the caller)
+  for (int64_t t = 0; t < taps; ++t) {
+    toff[t] = (t / g.kw) * wp + t % g.kw;
+  }
   for (int64_t y = 0; y < g.ho; ++y) {
     for (int64_t xb = 0; xb < std::max<int64_t>(g.wo, 1); xb += 8) {
       const int64_t x = g.wo >= 8 ? std::min(xb, g.wo - 8) : 0;
-      // four independent sums (input channels c mod 4) so the FMA latency overlaps
-      T acc[4][8] = {};
-      for (int64_t c = 0; c < cin; ++c) {
-        const T* plane = pad + c * hp * wp + y * wp + x;
-        const T* wc = w + c * taps;
-        T* a = acc[c & 3];
-        for (int64_t ky = 0; ky < g.kh; ++ky) {
-          for (int64_t kx = 0; kx < g.kw; ++kx) {
-            const T wv = wc[ky * g.kw + kx];
-            const T* ip = plane + ky * wp + kx;
-            for (int j = 0; j < 8; ++j) {
-              a[j] += wv * ip[j];
-            }
+      // four independent sums (input channels c mod 4, each in its own registers) so that
+      // the FMA latency overlaps
+      T a0[8] = {}, a1[8] = {}, a2[8] = {}, a3[8] = {};
+      const T* base = pad + y * wp + x;
+      int64_t c = 0;
+      for (; c + 4 <= cin; c += 4) {
+        for (int64_t t = 0; t < taps; ++t) {
+          const T* i0 = base + c * hp * wp + toff[t];
+          const T* i1 = i0 + hp * wp;
+          const T* i2 = i1 + hp * wp;
+          const T* i3 = i2 + hp * wp;
+          const T w0 = w[c * taps + t], w1 = w[(c + 1) * taps + t];
+          const T w2 = w[(c + 2) * taps + t], w3 = w[(c + 3) * taps + t];
+          for (int j = 0; j < 8; ++j) {
+            a0[j] += w0 * i0[j];
+            a1[j] += w1 * i1[j];
+            a2[j] += w2 * i2[j];
+            a3[j] += w3 * i3[j];
+          }
+        }
+      }
+      for (; c < cin; ++c) {
+        for (int64_t t = 0; t < taps; ++t) {
+          const T* i0 = base + c * hp * wp + toff[t];
+          const T w0 = w[c * taps + t];
+          for (int j = 0; j < 8; ++j) {
+            a0[j] += w0 * i0[j];
           }
         }
       }
       T res[8];
       for (int j = 0; j < 8; ++j) {
-        res[j] = bias + ((acc[0][j] + acc[1][j]) + (acc[2][j] + acc[3][j]));
+        res[j] = bias + ((a0[j] + a1[j]) + (a2[j] + a3[j]));
       }
       const int64_t n = std::min<int64_t>(8, g.wo);
       std::copy(res, res + n, out + y * g.wo + x);
@@ -293,7 +310,7 @@ int64_t one_channel_scratch(const ConvGeom& g, int64_t cin) {
 template <typename T>
 void conv_one_output_channel(const ConvGeom& g, int64_t cin, const T* xs, const T* w, T bias,
                              T* scratch, T* out) {
-  if (g.sh == 1 && g.sw == 1) {
+  if (g.sh == 1 && g.sw == 1 && g.kh * g.kw <= 64) {
     conv_one_output_channel_s1(g, cin, xs, w, bias, scratch, out);
     return;
   }
@@ -365,8 +382,7 @@ at::Tensor mixing_single_add(const Op& op, const at::Tensor& base, const at::Ten
         std::vector<scalar_t> pad(hp * wp), tmp(g.wo < 8 ? Cn * g.ho * 8 : 0);
         for (int64_t n = a; n < e; ++n) {
           const scalar_t* src = dp + n * g.h * g.w;
-          std::fill(pad.begin(), pad.end(), scalar_t(0));
-          for (int64_t y = 0; y < g.h; ++y) {
+          for (int64_t y = 0; y < g.h; ++y) {  // the interior only: the margins stay zero
             std::copy(src + y * g.w, src + (y + 1) * g.w, pad.data() + (y + g.ph) * wp + g.pw);
           }
           conv1ch_add_sample<scalar_t>(g, Cn, pad.data(), wp, wtp, bp + (n % B) * plane,

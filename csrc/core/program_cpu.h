@@ -56,9 +56,10 @@ template <typename T>
 void add_taps(const ConvGeom& g, const T* in, const T* taps, int64_t tap_stride, T* out);
 
 // out [ho, wo] = bias + one output channel of a convolution of one sample xs [cin, h, w] with
-// weights w [cin, kh, kw]. `scratch` holds at least one_channel_scratch(g, cin) values (the
-// zero-padded input, for stride 1: 8-column register blocks over all input channels; other
-// strides go through add_taps).
+// weights w [cin, kh, kw]. `scratch` holds at least one_channel_scratch(g, cin) values, all
+// zero before the first call for a geometry (the zero-padded input, for stride 1: the calls
+// write its interior only, so the margins stay zero; 8-column register blocks over all input
+// channels; other strides go through add_taps).
 template <typename T>
 void conv_one_output_channel(const ConvGeom& g, int64_t cin, const T* xs, const T* w, T bias,
                              T* scratch, T* out);
