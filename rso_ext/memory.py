@@ -24,6 +24,8 @@ from typing import Optional, Sequence, Union
 import torch
 from torch import nn
 
+from . import runtime
+
 ENV_LIMIT = "RSO_EXT_MEMORY_LIMIT"
 DeviceLike = Union[str, torch.device]
 
@@ -116,7 +118,9 @@ def _available(device: DeviceLike) -> tuple[Optional[int], str]:
         avail, source = int(free + max(0, cached)), "free GPU memory"
     elif device.type == "cpu":
         figures = [v for v in (_meminfo_available(), _cgroup_available()) if v is not None]
-        avail, source = (min(figures), "available RAM") if figures else (None, "")
+        # plus what this process freed and keeps for reuse (rso_ext.runtime)
+        avail, source = ((min(figures) + runtime.heap_free_bytes(), "available RAM")
+                         if figures else (None, ""))
     else:
         avail, source = None, ""
     env = os.environ.get(ENV_LIMIT)

@@ -28,3 +28,21 @@ def reuse_freed_memory(mmap_threshold: int = 1 << 30, trim_threshold: int = (1 <
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
     return bool(mallopt(M_MMAP_THRESHOLD, mmap_threshold)) and \
         bool(mallopt(M_TRIM_THRESHOLD, trim_threshold))
+
+
+class _MallInfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in (
+        "arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks",
+        "fordblks", "keepcost")]
+
+
+def heap_free_bytes() -> int:
+    """Bytes freed to glibc's heap and kept by this process (``mallinfo2().fordblks``): the
+    next allocations reuse them, so they count as available (0 where not glibc >= 2.33)."""
+    try:
+        fn = ctypes.CDLL(ctypes.util.find_library("c")).mallinfo2
+    except (OSError, AttributeError, TypeError):
+        return 0
+    fn.restype = _MallInfo2
+    return int(fn().fordblks)
+

@@ -141,3 +141,17 @@ def test_reuse_freed_memory_takes_effect_on_glibc():
     from rso_ext import runtime
     ok = runtime.reuse_freed_memory()
     assert ok == (platform.libc_ver()[0] == "glibc")
+
+
+def test_memory_freed_to_the_heap_counts_as_available():
+    import platform
+
+    from rso_ext import memory, runtime
+    if platform.libc_ver()[0] != "glibc" or not runtime.reuse_freed_memory():
+        pytest.skip("glibc only")
+    t = torch.empty(64 << 20, dtype=torch.uint8)
+    t.fill_(1)
+    during = runtime.heap_free_bytes()
+    del t
+    assert runtime.heap_free_bytes() >= during + (64 << 20) - (1 << 20)
+    assert memory.available_bytes("cpu") >= runtime.heap_free_bytes()
