@@ -61,6 +61,12 @@ void channel_candidates_cpu(const Sweep& s, const Site& st, const T* vals, int64
   });
 }
 
+// Whether the swept layer's weight and bias are contiguous (the hand loops index them).
+bool layer_contiguous(const Sweep& s) {
+  const Op& layer = s.prog.ops[0];
+  return layer.t[0].is_contiguous() && (!layer.t[1].defined() || layer.t[1].is_contiguous());
+}
+
 // Channel o of the conv layer for pool samples rows[0..n) (all of them when rows is null)
 // into out + i * out_stride.
 template <typename T>
@@ -71,15 +77,7 @@ void one_channel_cpu(const Sweep& s, int64_t o, const int64_t* rows, int64_t n, 
   const T* w = layer.t[0].const_data_ptr<T>() + o * s.cin * s.kh * s.kw;
   const T bias = layer.t[1].defined() ? layer.t[1].const_data_ptr<T>()[o] : T(0);
   const cpu::ConvGeom g{s.h, s.w, s.ho, s.wo, s.kh, s.kw, s.sh, s.sw, s.ph, s.pw};
-  const int64_t scratch = cpu::one_channel_scratch(g, s.cin);
-  at::parallel_for(0, n, 8, [&](int64_t b0, int64_t b1) {
-    std::vector<T> buf(scratch);
-    for (int64_t b = b0; b < b1; ++b) {
-      const int64_t row = rows != nullptr ? rows[b] : b;
-      cpu::conv_one_output_channel<T>(g, s.cin, x + row * s.cin * s.h * s.w, w, bias,
-                                      buf.data(), out + b * out_stride);
-    }
-  });
+  cpu::conv_one_output_rows<T>(g, s.cin, x, rows, n, w, bias, out, out_stride);
 }
 
 // Z[:, o] += d * (the input the moved entry multiplies), over the whole pool.
@@ -177,8 +175,7 @@ class CpuBackend final : public Backend {
   }
 
   at::Tensor fresh_channel(const Sweep& s, int64_t o, const at::Tensor& idx) const override {
-    const Op& layer = s.prog.ops[0];
-    if (!layer.t[0].is_contiguous() || (layer.t[1].defined() && !layer.t[1].is_contiguous())) {
+    if (!layer_contiguous(s)) {
       return Backend::fresh_channel(s, o, idx);
     }
     at::Tensor out = at::empty({idx.numel(), 1, s.ho, s.wo}, s.z.options());
@@ -190,8 +187,7 @@ class CpuBackend final : public Backend {
   }
 
   void refresh_channel(const Sweep& s, int64_t o) const override {
-    const Op& layer = s.prog.ops[0];
-    if (!layer.t[0].is_contiguous() || (layer.t[1].defined() && !layer.t[1].is_contiguous())) {
+    if (!layer_contiguous(s)) {
       Backend::refresh_channel(s, o);
       return;
     }

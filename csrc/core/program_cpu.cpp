@@ -301,17 +301,14 @@ RSO_CPU_CLONES void conv_one_output_channel_s1(const ConvGeom& g, int64_t cin, c
   }
 }
 
-}  // namespace
-
-int64_t one_channel_scratch(const ConvGeom& g, int64_t cin) {
-  return cin * (g.h + 2 * g.ph) * padded_width(g);
-}
-
+// out [ho, wo] = bias + one output channel of a convolution of one sample xs [cin, h, w]:
+// stride 1 through the padded-plane kernel (`pad`: the zero-padded input planes, zero before the
+// first call; only its interior is written), other strides through add_taps.
 template <typename T>
 void conv_one_output_channel(const ConvGeom& g, int64_t cin, const T* xs, const T* w, T bias,
-                             T* scratch, T* out) {
+                             T* pad, T* out) {
   if (g.sh == 1 && g.sw == 1 && g.kh * g.kw <= 64) {
-    conv_one_output_channel_s1(g, cin, xs, w, bias, scratch, out);
+    conv_one_output_channel_s1(g, cin, xs, w, bias, pad, out);
     return;
   }
   std::fill(out, out + g.ho * g.wo, bias);
@@ -320,10 +317,28 @@ void conv_one_output_channel(const ConvGeom& g, int64_t cin, const T* xs, const 
   }
 }
 
-template void conv_one_output_channel<float>(const ConvGeom&, int64_t, const float*,
-                                             const float*, float, float*, float*);
-template void conv_one_output_channel<double>(const ConvGeom&, int64_t, const double*,
-                                              const double*, double, double*, double*);
+}  // namespace
+
+template <typename T>
+void conv_one_output_rows(const ConvGeom& g, int64_t cin, const T* x, const int64_t* rows,
+                          int64_t n, const T* w, T bias, T* out, int64_t out_stride) {
+  const int64_t scratch = cin * (g.h + 2 * g.ph) * padded_width(g);
+  at::parallel_for(0, n, 8, [&](int64_t a, int64_t e) {
+    std::vector<T> pad(scratch);
+    for (int64_t i = a; i < e; ++i) {
+      const int64_t row = rows != nullptr ? rows[i] : i;
+      conv_one_output_channel<T>(g, cin, x + row * cin * g.h * g.w, w, bias, pad.data(),
+                                 out + i * out_stride);
+    }
+  });
+}
+
+template void conv_one_output_rows<float>(const ConvGeom&, int64_t, const float*,
+                                          const int64_t*, int64_t, const float*, float, float*,
+                                          int64_t);
+template void conv_one_output_rows<double>(const ConvGeom&, int64_t, const double*,
+                                           const int64_t*, int64_t, const double*, double,
+                                           double*, int64_t);
 
 template void add_taps<float>(const ConvGeom&, const float*, const float*, int64_t, float*);
 template void add_taps<double>(const ConvGeom&, const double*, const double*, int64_t, double*);
@@ -424,15 +439,8 @@ at::Tensor conv2d_one_output(const Op& op, const at::Tensor& x) {
     const scalar_t* xp = x.const_data_ptr<scalar_t>();
     const scalar_t* wp = W.const_data_ptr<scalar_t>();
     const scalar_t bias = op.t[1].defined() ? op.t[1].item<scalar_t>() : scalar_t(0);
-    scalar_t* yp = out.mutable_data_ptr<scalar_t>();
-    const int64_t scratch = one_channel_scratch(g, cin);
-    at::parallel_for(0, x.size(0), 8, [&](int64_t a, int64_t e) {
-      std::vector<scalar_t> buf(scratch);
-      for (int64_t n = a; n < e; ++n) {
-        conv_one_output_channel<scalar_t>(g, cin, xp + n * cin * g.h * g.w, wp, bias,
-                                          buf.data(), yp + n * g.ho * g.wo);
-      }
-    });
+    conv_one_output_rows<scalar_t>(g, cin, xp, nullptr, x.size(0), wp, bias,
+                                   out.mutable_data_ptr<scalar_t>(), g.ho * g.wo);
   });
   return out;
 }

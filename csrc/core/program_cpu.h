@@ -55,15 +55,12 @@ struct ConvGeom {
 template <typename T>
 void add_taps(const ConvGeom& g, const T* in, const T* taps, int64_t tap_stride, T* out);
 
-// out [ho, wo] = bias + one output channel of a convolution of one sample xs [cin, h, w] with
-// weights w [cin, kh, kw]. `scratch` holds at least one_channel_scratch(g, cin) values, all
-// zero before the first call for a geometry (the zero-padded input, for stride 1: the calls
-// write its interior only, so the margins stay zero; 8-column register blocks over all input
-// channels; other strides go through add_taps).
+// out + i * out_stride [ho, wo] = bias + one output channel (weights w [cin, kh, kw]) of a
+// convolution of sample rows[i] of x [N, cin, h, w] (sample i when rows is null), i < n;
+// stride 1 in 8-column register blocks over all input channels of a zero-padded plane.
 template <typename T>
-void conv_one_output_channel(const ConvGeom& g, int64_t cin, const T* xs, const T* w, T bias,
-                             T* scratch, T* out);
-int64_t one_channel_scratch(const ConvGeom& g, int64_t cin);
+void conv_one_output_rows(const ConvGeom& g, int64_t cin, const T* x, const int64_t* rows,
+                          int64_t n, const T* w, T bias, T* out, int64_t out_stride);
 
 // The next mixing layer on the shared state plus one change of channel o per group:
 // base [B, Cn, ...] is the layer's output for the shared state and dx [G*B, 1, h, w] (conv)
@@ -72,7 +69,7 @@ int64_t one_channel_scratch(const ConvGeom& g, int64_t cin);
 at::Tensor mixing_single_add(const Op& op, const at::Tensor& base, const at::Tensor& dx,
                              int64_t o, int64_t groups);
 
-// A Conv2d with one output channel over x [N, cin, h, w] (conv_one_output_channel per sample;
+// A Conv2d with one output channel over x [N, cin, h, w] (conv_one_output_rows;
 // oneDNN runs this shape at a few GMAC/s).
 at::Tensor conv2d_one_output(const Op& op, const at::Tensor& x);
 
