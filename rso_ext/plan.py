@@ -215,6 +215,11 @@ class Plan:
             if any(s.kind in (CONV, LINEAR) for s in steps[1:unit_op]):
                 raise PlanError(f"BatchNorm {unit.name!r} is not in the channel-local chain of "
                                 "its layer")
+            # a BatchNorm between the layer and the swept one runs before it: running
+            # statistics, as rso_ext.batchnorm.search_mode sets them
+            for i, s in enumerate(steps[1:unit_op], start=1):
+                if s.kind == BN:
+                    params[4 * i] = 0
         return dict(start=start, op_kinds=kinds, op_params=params, op_eps=eps,
                     op_tensors=tensors, unit_kind=unit_kind, unit_op=unit_op)
 

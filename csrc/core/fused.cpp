@@ -320,7 +320,11 @@ at::Tensor candidate_losses(const Backend& be, const at::Tensor& x, const at::Te
   TORCH_CHECK(batch.dim() == 1 && batch.numel() >= 1,
               "fused_candidate_losses: batch must be a non-empty 1-D index tensor, got ", batch.sizes());
   be.check_batches(s, batch, "batch");
-  return evaluate(be, s, k, values.to(x.device()), batch.contiguous());
+  const at::Tensor vals = values.to(x.device()).contiguous();
+  if (std::unique_ptr<Head> head = be.head(s)) {
+    return head->losses(k, vals, batch.contiguous());
+  }
+  return evaluate(be, s, k, vals, batch.contiguous());
 }
 
 std::tuple<at::Tensor, at::Tensor> sweep(
@@ -350,6 +354,10 @@ std::tuple<at::Tensor, at::Tensor> sweep(
   const at::Tensor idx = batches.contiguous();
   Sweep lazy = s;
   lazy.lazy_z = s.kind == UnitKind::Weight && s.conv && lazy_z_pays(s, idx.size(1));
+  if (std::unique_ptr<Head> head = be.head(lazy)) {
+    head->sweep(call, k0, vals, idx);
+    return {call.chosen, call.losses};
+  }
   for (int64_t i = 0; i < m; ++i) {
     const int64_t k = k0 + i;
     const at::Tensor row = vals[i];

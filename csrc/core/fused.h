@@ -12,6 +12,7 @@
 #include <ATen/ATen.h>
 #include <ATen/core/List.h>
 
+#include <memory>
 #include <optional>
 #include <tuple>
 
@@ -46,6 +47,8 @@ struct Site {
 };
 
 Site site_of(const Sweep& s, int64_t k);
+
+class Head;
 
 // The device-specific steps. Tensors are on the caches' device; `idx` is a contiguous int64
 // vector of pool indices already checked by check_batches.
@@ -100,6 +103,28 @@ class Backend {
 
   // Writes entry k of the unit's parameter and keeps z exact.
   virtual void set_weight(const Sweep& s, int64_t k, double value) const = 0;
+
+  // The backend's shorter evaluation of the whole program of `s`, when it has one (the CPU's
+  // for programs that reach the logits through one number per channel and sample,
+  // head_cpu.cpp); null otherwise, and the steps above run the generic evaluation.
+  virtual std::unique_ptr<Head> head(const Sweep& s) const { return nullptr; }
+};
+
+// A backend's own evaluation of one call's program: the same losses, decisions and writes as
+// the generic evaluation over the Backend steps, in fewer passes.
+class Head {
+ public:
+  virtual ~Head() = default;
+
+  // float64 [K]: the losses of entry k set to each of vals [K] on the pool samples idx [B]
+  // (contiguous, checked); changes nothing.
+  virtual at::Tensor losses(int64_t k, const at::Tensor& vals, const at::Tensor& idx) = 0;
+
+  // The loop of a fused_sweep call over weights k0 .. k0+m-1 (vals [m, K], idx [m, B],
+  // contiguous, checked): evaluate, record in `call`, choose (math::sweep_decision), write,
+  // keep z exact; stops after a weight whose candidate 0 is not finite.
+  virtual void sweep(Backend::SweepCall& call, int64_t k0, const at::Tensor& vals,
+                     const at::Tensor& idx) = 0;
 };
 
 // channel_candidates of a conv weight from `base` [B, 1, ho, wo], in ATen calls (any device).

@@ -13,6 +13,8 @@
 #include <vector>
 
 #include "../common/math.h"
+#include "fused_cpu.h"
+#include "head_cpu.h"
 #include "program_cpu.h"
 
 namespace rso {
@@ -54,63 +56,6 @@ void channel_candidates_cpu(const Sweep& s, const Site& st, const T* vals, int64
           const T add = moves_bias ? d : T(0);
           for (int64_t j = 0; j < hwo; ++j) {
             dst[j] = zrow[j] + add;
-          }
-        }
-      }
-    }
-  });
-}
-
-// Whether the swept layer's weight and bias are contiguous (the hand loops index them).
-bool layer_contiguous(const Sweep& s) {
-  const Op& layer = s.prog.ops[0];
-  return layer.t[0].is_contiguous() && (!layer.t[1].defined() || layer.t[1].is_contiguous());
-}
-
-// Channel o of the conv layer for pool samples rows[0..n) (all of them when rows is null)
-// into out + i * out_stride.
-template <typename T>
-void one_channel_cpu(const Sweep& s, int64_t o, const int64_t* rows, int64_t n, T* out,
-                     int64_t out_stride) {
-  const Op& layer = s.prog.ops[0];
-  const T* x = s.x.const_data_ptr<T>();
-  const T* w = layer.t[0].const_data_ptr<T>() + o * s.cin * s.kh * s.kw;
-  const T bias = layer.t[1].defined() ? layer.t[1].const_data_ptr<T>()[o] : T(0);
-  const cpu::ConvGeom g{s.h, s.w, s.ho, s.wo, s.kh, s.kw, s.sh, s.sw, s.ph, s.pw};
-  cpu::conv_one_output_rows<T>(g, s.cin, x, rows, n, w, bias, out, out_stride);
-}
-
-// Z[:, o] += d * (the input the moved entry multiplies), over the whole pool.
-template <typename T>
-void apply_move_cpu(const Sweep& s, const Site& st, T d) {
-  if (s.kind == UnitKind::Gamma || s.kind == UnitKind::Beta || d == T(0)) {
-    return;
-  }
-  T* z = s.z.mutable_data_ptr<T>();
-  const T* x = s.x.const_data_ptr<T>();
-  const int64_t hwo = s.ho * s.wo;
-  const int64_t N = s.x.size(0);
-  at::parallel_for(0, N, cpu::grain_for(hwo), [&](int64_t n0, int64_t n1) {
-    for (int64_t n = n0; n < n1; ++n) {
-      T* zrow = z + (n * s.cout + st.o) * hwo;
-      if (s.kind == UnitKind::Bias) {
-        for (int64_t j = 0; j < hwo; ++j) {
-          zrow[j] += d;
-        }
-      } else if (!s.conv) {
-        zrow[0] = math::add_product(zrow[0], d, x[n * s.cin + st.c]);
-      } else {
-        const T* xp = x + (n * s.cin + st.c) * s.h * s.w;
-        for (int64_t y = 0; y < s.ho; ++y) {
-          const int64_t iy = math::conv_input_coord(y, st.ky, s.sh, s.ph);
-          if (iy < 0 || iy >= s.h) {
-            continue;
-          }
-          for (int64_t xx = 0; xx < s.wo; ++xx) {
-            const int64_t ix = math::conv_input_coord(xx, st.kx, s.sw, s.pw);
-            if (ix >= 0 && ix < s.w) {
-              zrow[y * s.wo + xx] = math::add_product(zrow[y * s.wo + xx], d, xp[iy * s.w + ix]);
-            }
           }
         }
       }
@@ -235,6 +180,8 @@ class CpuBackend final : public Backend {
     });
     return true;
   }
+
+  std::unique_ptr<Head> head(const Sweep& s) const override { return make_cpu_head(s); }
 
   void set_weight(const Sweep& s, int64_t k, double value) const override {
     AT_DISPATCH_FLOATING_TYPES(s.param.scalar_type(), "fused_set_weight", [&] {
