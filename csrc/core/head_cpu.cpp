@@ -146,6 +146,28 @@ RSO_CPU_CLONES void moved_logit_ce(const T* rest, const T* t, const T* ly, const
   }
 }
 
+// out[i * stride] = bias + w . x[rows[i]] (x [N, cin]; row i when rows is null), i < n: one
+// output feature of a linear layer, in eight partial sums.
+template <typename T>
+RSO_CPU_CLONES void linear_one_output(const T* x, int64_t cin, const int64_t* rows, int64_t n,
+                                      const T* w, T bias, T* out, int64_t stride) {
+  for (int64_t i = 0; i < n; ++i) {
+    const T* xr = x + (rows != nullptr ? rows[i] : i) * cin;
+    T acc[8] = {T(0), T(0), T(0), T(0), T(0), T(0), T(0), T(0)};
+    int64_t j = 0;
+    for (; j + 8 <= cin; j += 8) {
+      for (int l = 0; l < 8; ++l) {
+        acc[l] += w[j + l] * xr[j + l];
+      }
+    }
+    for (; j < cin; ++j) {
+      acc[0] += w[j] * xr[j];
+    }
+    out[i * stride] = bias + (((acc[0] + acc[1]) + (acc[2] + acc[3])) +
+                              ((acc[4] + acc[5]) + (acc[6] + acc[7])));
+  }
+}
+
 // ReLU in place (NaN stays NaN, as torch.relu).
 template <typename T>
 RSO_CPU_CLONES void relu_in_place(T* p, int64_t n) {
@@ -196,6 +218,11 @@ class HeadCpu final : public Head {
   void sweep(Backend::SweepCall& call, int64_t k0, const at::Tensor& vals,
              const at::Tensor& idx) override {
     const int64_t m = vals.size(0), K = vals.size(1), B = idx.size(1);
+    // fused.cpp decides for conv layers; a linear layer's weight recomputes feature o for a
+    // minibatch (B * cin multiply-adds in registers) rather than update it over a pool whose
+    // column o is strided through memory (counted as 4 per sample)
+    lazy_ = s_.lazy_z ||
+            (!s_.conv && s_.kind == UnitKind::Weight && 4 * s_.x.size(0) > B * s_.cin);
     if (s_.conv) {
       build_pool_moments();
     }
@@ -214,11 +241,11 @@ class HeadCpu final : public Head {
       if (j >= 0) {
         const T old = param[k];
         param[k] = v[i * K + j];
-        if (!s_.lazy_z) {
+        if (!lazy_) {
           move(st, static_cast<T>(param[k] - old));
         }
       }
-      if (s_.lazy_z && (j < 0 || i == m - 1 || site_of(s_, k + 1).o != st.o)) {
+      if (lazy_ && (j < 0 || i == m - 1 || site_of(s_, k + 1).o != st.o)) {
         refresh(st.o);
       }
       if (j < 0) {
@@ -239,10 +266,33 @@ class HeadCpu final : public Head {
     });
   }
 
+  // Channel o of the swept layer for pool samples rows[0..n) (all when null) into
+  // out + i * stride, from X_d and the current weights.
+  void recompute(int64_t o, const int64_t* rows, int64_t n, T* out, int64_t stride) const {
+    if (s_.conv) {
+      one_channel_cpu<T>(s_, o, rows, n, out, stride);
+      return;
+    }
+    const Op& layer = s_.prog.ops[0];
+    const T bias = layer.t[1].defined() ? layer.t[1].const_data_ptr<T>()[o] : T(0);
+    const T* w = layer.t[0].const_data_ptr<T>() + o * s_.cin;
+    at::parallel_for(0, n, cpu::grain_for(s_.cin), [&](int64_t i0, int64_t i1) {
+      if (rows != nullptr) {
+        linear_one_output<T>(x_, s_.cin, rows + i0, i1 - i0, w, bias, out + i0 * stride, stride);
+      } else {
+        linear_one_output<T>(x_ + i0 * s_.cin, s_.cin, nullptr, i1 - i0, w, bias,
+                             out + i0 * stride, stride);
+      }
+    });
+  }
+
   // A lazy sweep's channel o over the pool, recomputed once neuron o is done.
   void refresh(int64_t o) {
     T* z = s_.z.mutable_data_ptr<T>();
-    one_channel_cpu<T>(s_, o, nullptr, s_.x.size(0), z + o * hw_, C_ * hw_);
+    recompute(o, nullptr, s_.x.size(0), z + o * hw_, C_ * hw_);
+    if (!s_.conv) {
+      return;
+    }
     const int64_t N = s_.x.size(0);
     at::parallel_for(0, N, cpu::grain_for(hw_), [&](int64_t n0, int64_t n1) {
       for (int64_t n = n0; n < n1; ++n) {
@@ -397,10 +447,6 @@ class HeadCpu final : public Head {
     cm_.resize(static_cast<size_t>(K * B));
     cq_.resize(static_cast<size_t>(K * B));
     const bool pool = !pool_m_.empty();
-    if (s_.lazy_z) {
-      fresh_.resize(static_cast<size_t>(B * hw_));
-      one_channel_cpu<T>(s_, o, idx, B, fresh_.data(), hw_);
-    }
     // the current moments of every channel, transposed to [C][B] a block of samples at a
     // time (whole cache lines per channel row), and the candidates'
     constexpr int64_t kBlock = 16;
@@ -429,7 +475,14 @@ class HeadCpu final : public Head {
             }
           }
         }
-        if (s_.lazy_z) {
+        if (lazy_ && !s_.conv) {  // feature o as recomputed
+          for (int64_t b = b0; b < b1; ++b) {
+            const double v = static_cast<double>(fresh_[b]);
+            bm_[o * B + b] = v;
+            bq_[o * B + b] = v * v;
+          }
+        }
+        if (lazy_ && s_.conv) {
           candidate_moments(st, b0, b1, idx, [&](int64_t b) { return fresh_.data() + b * hw_; },
                             d, K, B);
         } else {
@@ -490,6 +543,9 @@ class HeadCpu final : public Head {
         }
       }
     }
+    if (lazy_) {  // feature o as recomputed
+      std::copy(fresh_.begin(), fresh_.begin() + B, at_.begin() + st.o * B);
+    }
     const T* zo = at_.data() + st.o * B;
     for (int64_t k = 0; k < K; ++k) {
       const T dk = static_cast<T>(d[k]);
@@ -521,6 +577,10 @@ class HeadCpu final : public Head {
     std::vector<double> d(static_cast<size_t>(K));
     for (int64_t j = 0; j < K; ++j) {
       d[j] = static_cast<double>(vals[j]) - static_cast<double>(w);
+    }
+    if (lazy_) {
+      fresh_.resize(static_cast<size_t>(B * hw_));
+      recompute(o, idx, B, fresh_.data(), hw_);
     }
     if (!s_.conv && !chain_has_batch_norm_) {
       layer_logits(st, d.data(), K, idx, B);
@@ -630,6 +690,7 @@ class HeadCpu final : public Head {
   std::vector<double> pool_m_, pool_q_;  // [N][C]: moments of Z_d over a conv sweep's pool
   std::vector<double> bm_, bq_, cm_, cq_;  // moments: current [C][B], candidates' [K][B]
   std::vector<T> fresh_, at_, dt_, lt_, ly_, aux_, del_, ce_;
+  bool lazy_ = false;  // z[:, o] recomputed per minibatch and refreshed per neuron
 };
 
 }  // namespace
