@@ -356,6 +356,19 @@ class _Gelu(nn.Module):
         return self.fc((self.act(h) + h).flatten(1))
 
 
+class _Branchy(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(1, 2, 3)
+        self.fc = nn.Linear(72, 3)
+
+    def forward(self, x):
+        h = self.conv(x)
+        if h.sum() > 0:                      # data-dependent control flow
+            h = h + h
+        return self.fc(h.flatten(1))
+
+
 @pytest.mark.parametrize("build, text", [
     (CatDag, r"module '<root>' \(CatDag\): the function torch.cat \(fx node 'cat'\) is outside "
              "the fused op set"),
@@ -364,7 +377,8 @@ class _Gelu(nn.Module):
     (_Shared, r"module 'conv' \(Conv2d\) is called more than once"),
     (_Broadcast, r"an add of tensors of shapes \(2, 2, 6, 6\) and \(2, 1, 6, 6\)"),
     (_Gelu, r"module 'act' \(GELU\) is outside the fused op set"),
-], ids=["cat", "mul", "nested", "shared", "broadcast", "gelu"])
+    (_Branchy, r"module '<root>' \(_Branchy\): torch.fx cannot trace its forward"),
+], ids=["cat", "mul", "nested", "shared", "broadcast", "gelu", "untraceable"])
 def test_the_planner_names_what_it_cannot_lower_in_a_traced_forward(build, text):
     with pytest.raises(PlanError, match=text):
         lower(build(), torch.zeros(2, 1, 8, 8))
