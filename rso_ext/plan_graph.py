@@ -163,7 +163,13 @@ class GraphPlan:
 
     # -- lowering ---------------------------------------------------------------------------
     def _add(self, node: Node) -> int:
-        self._value[len(self.steps)] = _run(node, [self._value[i] for i in node.inputs])
+        try:
+            self._value[len(self.steps)] = _run(node, [self._value[i] for i in node.inputs])
+        except Exception as e:  # noqa: BLE001 - the lowered op does not run as traced
+            what = type(node.module).__name__ if node.module is not None else "function"
+            raise PlanError(f"node {node.name!r} ({what}) does not run as lowered on the sample "
+                            f"batch ({type(e).__name__}: {e}); use backend='torch' for this "
+                            "model") from None
         node.shape = self._value[len(self.steps)].shape
         self.steps.append(node)
         return len(self.steps) - 1
@@ -313,6 +319,13 @@ class GraphPlan:
         """The modules whose parameters and buffers the values of ``nodes`` depend on."""
         anc = self._ancestors(nodes) | {n for n in nodes if n != INPUT_NODE}
         return [self.steps[i].module for i in sorted(anc) if self.steps[i].module is not None]
+
+    def check_units(self, units: list[Unit]) -> None:
+        """Raise the :class:`PlanError` :meth:`program` would raise for any of ``units`` (a
+        unit not called by forward, a BatchNorm outside its layer's channel-local chain, a
+        layer that does not reach the output), before a run starts."""
+        for unit in units:
+            self._analyse(unit)
 
     # -- the sweep of a unit ------------------------------------------------------------------
     def _analyse(self, unit: Unit) -> _Analysis:

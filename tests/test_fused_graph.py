@@ -388,3 +388,30 @@ def test_program_forward_refuses_dag_ops():
     with pytest.raises(RuntimeError, match="program_forward: Save/Load/Input/Add"):
         torch.ops.rso_ext.program_forward(torch.zeros(2, 3), [SAVE], [0, 0, 0, 0], [0.0],
                                           [None] * 4)
+
+
+class _StrayBN(nn.Module):
+    """bn follows c2 in execution order (so rso_ext.visit groups it with c2) but normalises c1's
+    output: no channel-local chain from c2 reaches it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1 = nn.Conv2d(1, 3, 3, padding=1, bias=False)
+        self.c2 = nn.Conv2d(1, 3, 3, padding=1, bias=False)
+        self.bn = nn.BatchNorm2d(3)
+        self.fc = nn.Linear(3, 3)
+
+    def forward(self, x):
+        a, b = self.c1(x), self.c2(x)
+        return self.fc((self.bn(a) + b).mean((2, 3)))
+
+
+def test_a_unit_the_graph_cannot_sweep_is_refused_before_the_run():
+    x, y = toy_data(30)
+    rso = RSO(_StrayBN(), cycles=1, batch_size=10, backend="auto")
+    rso.sweep_unit(0, x, y, weights=2)
+    assert rso.backend == "torch"
+    rso = RSO(_StrayBN(), cycles=1, batch_size=10, backend="fused")
+    with pytest.raises(PlanError, match="BatchNorm 'bn.bias' is not in the channel-local chain "
+                                        "of its layer 'c2'"):
+        next(rso.run(x, y))
