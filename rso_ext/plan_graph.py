@@ -77,8 +77,8 @@ def _fn_name(target) -> str:
     name = getattr(target, "__name__", repr(target))
     if mod in ("_operator", "operator"):
         return f"operator.{name}"
-    if mod.startswith("torch") or isinstance(target, type(torch.cat)):
-        return f"torch.{name}" if not mod.startswith("torch.nn") else f"{mod}.{name}"
+    if mod.startswith("torch._C._nn"):
+        return f"torch.nn.functional.{name}"
     return f"{mod}.{name}" if mod else name
 
 

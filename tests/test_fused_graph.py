@@ -67,6 +67,34 @@ def test_paper_cifar_programs():
     assert fc["op_kinds"] == [1] and fc["sides"] == []
 
 
+def test_a_pass_over_every_unit_of_paper_cifar_makes_the_decisions_of_torch():
+    """Four weights of every unit of paper_cifar, in visiting order, on both backends from the
+    same state and streams: the same accepted moves and weights, except shortcut_bn.bias,
+    which cannot change the loss (its add feeds bns.4, whose batch statistics remove any
+    per-channel constant), so its decisions are float noise on either backend."""
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(48, 3, 32, 32, generator=g)
+    y = torch.randint(0, 10, (48,), generator=g)
+    for c in range(10):                       # something to learn: a colour shift per class
+        x[y == c, c % 3] += 0.3 * (c // 3 + 1)
+    runs = {}
+    for backend in ("torch", "fused"):
+        net = models.paper_cifar(torch.Generator().manual_seed(0))
+        rso = RSO(net, cycles=1, batch_size=16, calib_size=32, backend=backend,
+                  generator=torch.Generator().manual_seed(1))
+        stats = [rso.sweep_unit(i, x, y, weights=4) for i in range(31)]
+        assert rso.backend == backend
+        runs[backend] = (net, {s.layer: s.accepted for s in stats})
+    (a, acc_a), (b, acc_b) = runs["torch"], runs["fused"]
+    noise = "shortcut_bn.bias"
+    assert {k: v for k, v in acc_a.items() if k != noise} == \
+        {k: v for k, v in acc_b.items() if k != noise}
+    assert sum(acc_a.values()) > 60
+    for (name, p), q in zip(a.named_parameters(), b.parameters()):
+        if name != noise:
+            torch.testing.assert_close(q, p, rtol=1e-5, atol=1e-6, msg=name)
+
+
 class _ResNet(nn.Module):
     """A random small residual net of the supported ops. Blocks, each on h:
     0 identity add ``conv(relu(h)) + h``; 1 projection ``conv(relu(h)) + bn(proj(h))`` (1x1
