@@ -79,6 +79,9 @@ class FusedSweeper:
     def begin(self, x: torch.Tensor, y: torch.Tensor) -> None:
         """Cache the swept layer's input and pre-activation for the pool ``x`` (call inside
         :func:`rso_ext.batchnorm.search_mode`, so the layers before it are fixed)."""
+        if self.plan.dag:
+            self._begin_graph(x, y)
+            return
         self.prog = self.plan.program(self.unit)
         children = [s.module for s in self.plan.steps]
         start = self.prog.pop("start")
@@ -98,6 +101,41 @@ class FusedSweeper:
             if self.x is None:
                 self.x = self._build_input(start, x)
             self.z = self._chunked(self._forward(start, start + 1), self.x)
+        self.y = y
+
+    def _begin_graph(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        """:meth:`begin` for a traced graph (rso_ext.plan_graph): ``X_d``, ``Z_d`` and the side
+        inputs of the program (values over the pool that do not depend on the swept layer),
+        reused from the store while the pool and every module they depend on are unchanged."""
+        prog = self.plan.program(self.unit)
+        start, x_node, sides = prog.pop("start"), prog.pop("x_node"), prog.pop("sides")
+        wanted = sorted({x_node, *(n for _, n in sides)})
+        deps = self.plan.dependencies(wanted)
+        layer = self.plan.steps[start].module
+        old = self.store.take() if self.store is not None else None
+        values = z = None
+        if old is not None and old.get("graph") and old["start"] == start and \
+                old["x"] is x and old["version"] == x._version and old["wanted"] == wanted and \
+                _same(old["prefix"], _snapshot(deps)):
+            values = old["values"]
+            if _same(old["layer"], _snapshot([layer])):
+                z = old["z"]
+        del old    # outdated caches are freed before they are rebuilt
+        if values is None:
+            parts: dict[int, list[torch.Tensor]] = {n: [] for n in wanted}
+            for s in range(0, len(x), self.chunk):
+                for n, v in self.plan.values(x[s:s + self.chunk], wanted).items():
+                    parts[n].append(v)
+            values = {n: (x.contiguous() if n < 0 else torch.cat(p).contiguous())
+                      for n, p in parts.items()}
+            del parts
+        self.x = values[x_node]
+        self.z = z if z is not None else self._chunked(layer, self.x)
+        for op, n in sides:
+            prog["op_tensors"][4 * op] = values[n]
+        self.prog = prog
+        self._graph = dict(start=start, x=x, version=x._version, wanted=wanted, values=values,
+                           deps=deps, layer=layer)
         self.y = y
 
     def _from_stash(self, start: int, x: torch.Tensor, prefix) -> Optional[torch.Tensor]:
@@ -157,7 +195,16 @@ class FusedSweeper:
 
     def end(self) -> None:
         """Drop the caches, or hand them to the store with the state they are exact for."""
-        if self.store is not None and self.x is not None:
+        graph = getattr(self, "_graph", None)
+        if graph is not None:
+            if self.store is not None and self.x is not None:
+                self.store.put(graph=True, start=graph["start"], x=graph["x"],
+                               version=graph["version"], wanted=graph["wanted"],
+                               values=graph["values"], z=self.z,
+                               prefix=_snapshot(graph["deps"]),
+                               layer=_snapshot([graph["layer"]]))
+            self._graph = None
+        elif self.store is not None and self.x is not None:
             children = [s.module for s in self.plan.steps]
             start = self._key[0]
             self.store.put(key=self._key, x=self.x, z=self.z,
@@ -166,7 +213,11 @@ class FusedSweeper:
 
     def cache_bytes(self) -> int:
         """Bytes held by the caches of this sweep."""
-        return sum(t.numel() * t.element_size() for t in (self.x, self.z) if t is not None)
+        held = [self.x, self.z]
+        graph = getattr(self, "_graph", None)
+        if graph is not None:   # the side inputs (X_d is one of the values)
+            held = [self.z, *graph["values"].values()]
+        return sum(t.numel() * t.element_size() for t in held if t is not None)
 
     # -- the sweep ----------------------------------------------------------------------------
     @torch.no_grad()

@@ -223,22 +223,26 @@ def torch_sweep_estimate(trace: Sequence[ModuleFootprint], unit_module: nn.Modul
 
 
 def fused_sweep_estimate(trace: Sequence[ModuleFootprint], owner_module: nn.Module,
-                         pool_size: int, batch_size: int,
-                         candidates: int = 3) -> tuple[int, str]:
+                         pool_size: int, batch_size: int, candidates: int = 3,
+                         side_bytes: int = 0, saved_bytes: int = 0) -> tuple[int, str]:
     """(bytes, description) of a ``backend="fused"`` sweep whose swept layer (the conv/linear
     that owns the unit) is ``owner_module``: its input ``X_d`` and pre-activation ``Z_d`` cached
     for the whole pool (each counted twice: chunks and their concatenation coexist while they are
     built), and per minibatch the gathered rows plus the dense suffix run on all ``candidates``
-    at once. A first figure for :class:`rso_ext.fused.FusedSweeper` until it states its own
-    through ``memory_estimate``."""
+    at once. A residual network's sweep (rso_ext.plan_graph) also caches its side inputs,
+    ``side_bytes`` per sample (counted as X_d is), and keeps values of ``saved_bytes`` per
+    sample for later adds while a minibatch is evaluated (counted for every candidate). A first
+    figure for :class:`rso_ext.fused.FusedSweeper` until it states its own through
+    ``memory_estimate``."""
     start = next((i for i, f in enumerate(trace) if f.module is owner_module), 0)
     suffix = list(trace[start:]) or list(trace)
     x_d, z_d = suffix[0].in_bytes, suffix[0].out_bytes
     peak = max((f.in_bytes + f.out_bytes for f in suffix), default=0)
-    cache = 2 * (x_d + z_d)
-    per_batch = x_d + z_d + candidates * peak
+    cache = 2 * (x_d + z_d + side_bytes)
+    per_batch = x_d + z_d + side_bytes + candidates * (peak + saved_bytes)
     total = estimate_sweep_bytes(pool_size, batch_size, cache, per_batch)
-    return total, (f"cached X_d, Z_d {format_bytes(pool_size * cache)} for {pool_size} samples + "
+    cached = "cached X_d, Z_d" + (" and side inputs" if side_bytes else "")
+    return total, (f"{cached} {format_bytes(pool_size * cache)} for {pool_size} samples + "
                    f"activations {format_bytes(batch_size * per_batch)} for batch {batch_size}")
 
 
@@ -267,7 +271,12 @@ def sweep_estimate(model: nn.Module, unit_module: nn.Module, sweeper, pool_size:
         trace = trace_footprint(model, sample)
     if fused:
         owner = sweeper.plan.steps[sweeper.plan.owner(sweeper.unit)].module
-        return fused_sweep_estimate(trace, owner, pool_size, batch_size)
+        if not sweeper.plan.dag:
+            return fused_sweep_estimate(trace, owner, pool_size, batch_size)
+        size = next(owner.parameters()).element_size()
+        side, saved = sweeper.plan.side_widths(sweeper.unit)
+        return fused_sweep_estimate(trace, owner, pool_size, batch_size,
+                                    side_bytes=side * size, saved_bytes=saved * size)
     ev = sweeper.evaluator
     return torch_sweep_estimate(trace, unit_module, pool_size, batch_size,
                                 cached=isinstance(ev, CachedInput),

@@ -1,4 +1,5 @@
-"""Lowering of an ``nn.Sequential`` model to the op list of the fused evaluation (DESIGN.md §4).
+"""Lowering of an ``nn.Sequential`` model to the op list of the fused evaluation (DESIGN.md §4);
+other models (residual adds) are traced and lowered by :mod:`rso_ext.plan_graph`.
 
 Supported children: Conv2d (any kernel, stride, padding; groups=1, dilation 1, zero padding; bias
 optional), Linear (bias optional), BatchNorm1d/2d (affine), ReLU, MaxPool2d and AvgPool2d (square
@@ -17,6 +18,7 @@ from torch import nn
 from .visit import MIXING, NORM, Unit
 
 CONV, LINEAR, BN, RELU, AVGPOOL, MAXPOOL, GAP, FLATTEN = range(8)
+SAVE, LOAD, INPUT, ADD = range(8, 12)      # residual networks (rso_ext/plan_graph.py)
 UNIT_WEIGHT, UNIT_BIAS, UNIT_GAMMA, UNIT_BETA = range(4)
 IDENTITY = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.AlphaDropout, nn.Identity)
 
@@ -111,6 +113,9 @@ def _lower_child(name: str, m: nn.Module, shape: torch.Size, last: bool) -> Step
 
 class Plan:
     """An ``nn.Sequential`` lowered child by child, with the fused program of each unit."""
+
+    #: programs without Save/Load/Input/Add (GraphPlan's are "dag" programs)
+    dag = False
 
     def __init__(self, model: nn.Module, sample: torch.Tensor) -> None:
         if not isinstance(model, nn.Sequential):
@@ -224,6 +229,11 @@ class Plan:
                     op_tensors=tensors, unit_kind=unit_kind, unit_op=unit_op)
 
 
-def lower(model: nn.Module, sample: torch.Tensor) -> Plan:
-    """Lower ``model`` for the fused backend or raise :class:`PlanError` naming the module."""
-    return Plan(model, sample)
+def lower(model: nn.Module, sample: torch.Tensor):
+    """Lower ``model`` for the fused backend or raise :class:`PlanError` naming the module:
+    an ``nn.Sequential`` child by child (:class:`Plan`), any other module through its traced
+    graph (:class:`rso_ext.plan_graph.GraphPlan`, residual adds)."""
+    if isinstance(model, nn.Sequential):
+        return Plan(model, sample)
+    from .plan_graph import GraphPlan
+    return GraphPlan(model, sample)

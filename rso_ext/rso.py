@@ -145,7 +145,10 @@ class RSO:
             self._order = [m for _, m in execution_order(self.model, sample)]
             if self.hparams["backend"] != "torch":
                 try:
-                    self.plan = lower(self.model, sample)
+                    plan = lower(self.model, sample)
+                    if plan.dag:      # a traced graph: refuse a unit it cannot sweep now
+                        plan.check_units(self.units)
+                    self.plan = plan
                 except PlanError:
                     if self.hparams["backend"] == "fused":
                         raise

@@ -42,6 +42,54 @@ class TinyDag(nn.Module):
         return self.fc(h.mean((2, 3)))
 
 
+class CatDag(nn.Module):
+    """A non-Sequential net the fused planner cannot lower: it concatenates two branches
+    (torch.cat is outside the fused op set), so backend="fused" names it and "auto" falls back
+    to torch."""
+
+    def __init__(self, seed: int = 0) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, 3, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(3)
+        self.conv2 = nn.Conv2d(3, 3, 3, padding=1, bias=False)
+        self.fc = nn.Linear(6, 3, bias=False)
+        he_init_(self, torch.Generator().manual_seed(seed))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.bn1(self.conv1(x))
+        h = torch.cat([self.conv2(torch.relu(h)), h], 1)
+        return self.fc(h.mean((2, 3)))
+
+
+class SmallRes(nn.Module):
+    """paper_cifar's structure at toy size (1x8x8 inputs, 3 classes): an identity add into
+    conv2, a projection (1x1 conv + BN, computed first as in paper_cifar) added into conv3 before
+    its pool, BN after every add."""
+
+    def __init__(self, seed: int = 0) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, 4, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(4)
+        self.conv2 = nn.Conv2d(4, 4, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(4)
+        self.proj = nn.Conv2d(4, 6, 1, bias=False)
+        self.proj_bn = nn.BatchNorm2d(6)
+        self.conv3 = nn.Conv2d(4, 6, 3, padding=1, bias=False)
+        self.pool = nn.AvgPool2d(2)
+        self.bn3 = nn.BatchNorm2d(6)
+        self.fc = nn.Linear(6, 3, bias=False)
+        he_init_(self, torch.Generator().manual_seed(seed))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h1 = self.bn1(self.conv1(x))
+        h2 = self.bn2(self.conv2(torch.relu(h1)) + h1)
+        skip = self.proj_bn(self.proj(h2))
+        # (a ReLU before bn3: with the add straight into a BatchNorm of batch statistics, as in
+        # paper_cifar, proj_bn's beta would be cancelled and its decisions float noise)
+        h3 = self.bn3(torch.relu(self.pool(self.conv3(torch.relu(h2)) + skip)))
+        return self.fc(torch.flatten(h3.mean((2, 3), keepdim=True), 1))
+
+
 def toy_data(n: int = 120, seed: int = 1, classes: int = 3) -> tuple[torch.Tensor, torch.Tensor]:
     """Images 1x8x8 whose class is which quadrant is brighter: learnable, not trivial."""
     g = torch.Generator().manual_seed(seed)

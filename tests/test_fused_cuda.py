@@ -24,8 +24,9 @@ from rso_ext.streams import SweepStreams
 from rso_ext.sweep import NonFiniteLossError
 from rso_ext.visit import execution_order, visit_units
 
-from helpers import tiny_net, toy_data
+from helpers import SmallRes, tiny_net, toy_data
 from test_fused import RTOL, _paper_like, _random_net
+from test_fused_graph import _ResNet
 
 pytestmark = [
     pytest.mark.cuda,
@@ -121,6 +122,40 @@ def test_seeded_runs_make_the_same_decisions_as_on_cpu(sampler):
         assert q.device.type == "cuda"
         torch.testing.assert_close(q.cpu(), p, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(torch.tensor(loss_b), torch.tensor(loss_a), rtol=1e-6, atol=0)
+
+
+# -- residual networks (rso_ext/plan_graph.py, csrc/core/fused_dag.cpp: ATen on any device) ----
+def test_paper_cifar_matches_cpu_and_reference():
+    torch.manual_seed(0)
+    net = models.paper_cifar(torch.Generator().manual_seed(1))
+    x = torch.randn(32, 3, 32, 32)
+    y = torch.randint(0, 10, (32,))
+    _compare_devices(net, x, y, per_unit=1)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_random_residual_nets_match_cpu_and_reference(seed):
+    net = _ResNet(seed)
+    g = torch.Generator().manual_seed(200 + seed)
+    x = torch.randn(40, net.cin, 12, 12, generator=g)
+    y = torch.randint(0, 4, (40,), generator=g)
+    _compare_devices(net, x, y, per_unit=2)
+
+
+def test_seeded_residual_runs_make_the_same_decisions_as_on_cpu():
+    x, y = toy_data(120, seed=4)
+    runs = {}
+    for device in ("cpu", "cuda"):
+        net = SmallRes(seed=3).to(device)
+        rso = RSO(net, cycles=2, batch_size=40, sampler="random", backend="fused",
+                  generator=torch.Generator().manual_seed(9))
+        stats = list(rso.run(x, y))
+        assert rso.backend == "fused"
+        runs[device] = (net, [s.accepted for s in stats])
+    (a, acc_a), (b, acc_b) = runs["cpu"], runs["cuda"]
+    assert acc_a == acc_b and sum(acc_a) > 100
+    for p, q in zip(a.parameters(), b.parameters()):
+        torch.testing.assert_close(q.cpu(), p, rtol=1e-5, atol=1e-6)
 
 
 LAYER_OF = {"bn1": "conv1", "bn2": "conv2"}  # the swept layer whose caches a BN unit uses

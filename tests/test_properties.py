@@ -26,7 +26,7 @@ from torch import nn
 from rso_ext import RSO, cli, data, models
 from rso_ext.plan import PlanError
 
-from helpers import TinyDag, tiny_net, toy_data
+from helpers import CatDag, tiny_net, toy_data
 
 SETTINGS = settings(max_examples=30, deadline=None, derandomize=True, database=None,
                     suppress_health_check=[HealthCheck.too_slow])
@@ -218,7 +218,7 @@ UNSWEEPABLE = {
 
 # sweepable by backend="torch" but not lowered by the planner: backend="fused" names the module
 UNLOWERABLE = {
-    "not sequential": (lambda: TinyDag(), "TinyDag is not one"),
+    "concatenation": (lambda: CatDag(), "the function torch.cat (fx node 'cat')"),
     "sigmoid": (lambda: _seq(nn.Conv2d(1, 2, 3), nn.Sigmoid(), nn.Flatten(), nn.Linear(72, 3)),
                 "'m1' (Sigmoid)"),
     "dilated conv": (lambda: _seq(nn.Conv2d(1, 2, 3, dilation=2), nn.Flatten(), nn.Linear(32, 3)),

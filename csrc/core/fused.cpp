@@ -52,6 +52,9 @@ int64_t output_width(const Sweep& s) {
   if (prog.ops.size() == 1) {
     return s.cout;  // the swept layer gives the logits
   }
+  if (prog.dag) {
+    return dag_output_width(s);
+  }
   std::vector<int64_t> shape = s.conv ? std::vector<int64_t>{s.cout, s.ho, s.wo}
                                       : std::vector<int64_t>{s.cout};
   for (size_t i = 1; i < prog.ops.size(); ++i) {
@@ -82,6 +85,10 @@ int64_t output_width(const Sweep& s) {
       case OpKind::Flatten:
       case OpKind::BatchNorm:
       case OpKind::ReLU:
+      case OpKind::Save:   // dag ops: dag_output_width
+      case OpKind::Load:
+      case OpKind::Input:
+      case OpKind::Add:
         break;
     }
   }
@@ -113,7 +120,8 @@ Sweep make_sweep(const at::Tensor& x, const at::Tensor& z, const at::Tensor& par
     TORCH_CHECK(unit_op == 0, "fused: a weight or bias unit belongs to op 0, got unit_op=",
                 unit_op);
   } else {
-    TORCH_CHECK(unit_op >= 1 && unit_op < chain_end &&
+    // (a dag program's chain is followed by evaluate_dag, which checks it reaches unit_op)
+    TORCH_CHECK(unit_op >= 1 && unit_op < (s.prog.dag ? n_ops : chain_end) &&
                     s.prog.ops[unit_op].kind == OpKind::BatchNorm,
                 "fused: a BatchNorm unit must name a BatchNorm op between the swept layer and "
                 "the next conv/linear, got unit_op=", unit_op);
@@ -265,6 +273,9 @@ at::Tensor evaluate(const Backend& be, const Sweep& s, int64_t k, const at::Tens
   }
   if (!s.conv) {
     zo = zo.view({K * B, 1});
+  }
+  if (prog.dag) {
+    return evaluate_dag(be, s, st, K, vals, idx, zo, fresh_o);
   }
   const at::Tensor target_b = s.target.index_select(0, idx);
   const at::Tensor zb = s.z.index_select(0, idx);

@@ -132,6 +132,17 @@ void channel_candidates_aten(const Sweep& s, const Site& st, int64_t k, const at
                              int64_t K, const at::Tensor& idx, const at::Tensor& base,
                              const at::Tensor& out);
 
+// The losses of a dag program (program.h: Save/Load/Input/Add; fused_dag.cpp): evaluate()'s
+// work once `zo` [K*B, 1, ho, wo] (conv) or [K*B, 1] (linear), channel st.o of the swept
+// layer's output per candidate, is known; `fresh_o` is that channel recomputed for the
+// minibatch in a lazy sweep (undefined otherwise). ATen calls only, any device.
+at::Tensor evaluate_dag(const Backend& be, const Sweep& s, const Site& st, int64_t K,
+                        const at::Tensor& vals, const at::Tensor& idx, const at::Tensor& zo,
+                        const at::Tensor& fresh_o);
+
+// The width of a dag program's output (the logits) per sample, following slots.
+int64_t dag_output_width(const Sweep& s);
+
 // The three operators over a backend (fused.cpp).
 at::Tensor candidate_losses(const Backend& be, const at::Tensor& x, const at::Tensor& z,
                             const at::Tensor& param, const at::Tensor& target,

@@ -4,6 +4,7 @@
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <string>
 #include <vector>
 
@@ -23,6 +24,10 @@ const char* kind_name(OpKind k) {
     case OpKind::MaxPool: return "MaxPool2d";
     case OpKind::GlobalAvgPool: return "global average pool";
     case OpKind::Flatten: return "Flatten";
+    case OpKind::Save: return "Save";
+    case OpKind::Load: return "Load";
+    case OpKind::Input: return "Input";
+    case OpKind::Add: return "Add";
   }
   return "?";
 }
@@ -44,7 +49,7 @@ Program parse_program(at::IntArrayRef kinds, at::IntArrayRef params, at::ArrayRe
               tensors.size());
   Program prog;
   for (int64_t i = 0; i < n; ++i) {
-    TORCH_CHECK(kinds[i] >= 0 && kinds[i] <= 7, "fused program: op ", i, " has unknown kind ",
+    TORCH_CHECK(kinds[i] >= 0 && kinds[i] <= 11, "fused program: op ", i, " has unknown kind ",
                 kinds[i]);
     Op op;
     op.kind = static_cast<OpKind>(kinds[i]);
@@ -77,6 +82,21 @@ Program parse_program(at::IntArrayRef kinds, at::IntArrayRef params, at::ArrayRe
     } else if (op.kind == OpKind::AvgPool || op.kind == OpKind::MaxPool) {
       TORCH_CHECK(op.p[0] >= 1 && op.p[1] >= 1 && op.p[2] >= 0, "fused program: op ", i, " (",
                   kind_name(op.kind), ") needs kernel >= 1, stride >= 1, padding >= 0");
+    } else if (op.kind == OpKind::Save || op.kind == OpKind::Load || op.kind == OpKind::Add ||
+               op.kind == OpKind::Input) {
+      prog.dag = true;
+      const bool side = op.kind == OpKind::Input || (op.kind == OpKind::Add && op.p[1] != 0);
+      if (side) {
+        TORCH_CHECK(op.t[0].defined() && op.t[0].dim() >= 2, "fused program: op ", i, " (",
+                    kind_name(op.kind), ") needs its side tensor [N, ...] as tensor 0");
+      } else {
+        TORCH_CHECK(op.p[0] >= 0 && op.p[0] < kMaxSlots, "fused program: op ", i, " (",
+                    kind_name(op.kind), ") names slot ", op.p[0], ", outside [0, ", kMaxSlots,
+                    ")");
+        prog.slots = std::max(prog.slots, op.p[0] + 1);
+      }
+      TORCH_CHECK(op.kind != OpKind::Add || op.p[1] == 0 || op.p[1] == 1, "fused program: op ",
+                  i, " (Add) needs p[1] = 0 (a slot) or 1 (a side tensor)");
     }
     TORCH_CHECK(i > 0 || op.mixing() || !swept_first,
                 "fused program: op 0 must be the swept Conv2d or Linear, got ", kind_name(op.kind));
@@ -129,8 +149,14 @@ at::Tensor apply_dense(const Op& op, const at::Tensor& x, int64_t groups) {
       return cpu::handles(x) ? cpu::global_avg_pool(x) : x.mean({2, 3}, /*keepdim=*/true);
     case OpKind::Flatten:
       return x.reshape({x.size(0), -1});
+    case OpKind::Save:
+    case OpKind::Load:
+    case OpKind::Input:
+    case OpKind::Add:
+      break;
   }
-  TORCH_CHECK(false, "fused program: unknown op");
+  TORCH_CHECK(false, "fused program: ", kind_name(op.kind), " is not a pass over one tensor "
+              "(a program with Save/Load/Input/Add runs through evaluate_dag)");
 }
 
 at::Tensor run_dense(const Program& prog, int64_t begin, int64_t end, at::Tensor x,
@@ -212,6 +238,8 @@ at::Tensor program_forward(const at::Tensor& x, at::IntArrayRef kinds, at::IntAr
   TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble,
               "program_forward: x must be float32 or float64, got ", x.scalar_type());
   const Program prog = parse_program(kinds, params, eps, tensors, /*swept_first=*/false);
+  TORCH_CHECK(!prog.dag, "program_forward: Save/Load/Input/Add ops are not supported (it runs "
+              "a chain of ops)");
   for (size_t i = 0; i < prog.ops.size(); ++i) {
     for (int j = 0; j < 4; ++j) {
       const at::Tensor& t = prog.ops[i].t[j];

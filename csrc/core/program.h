@@ -11,6 +11,18 @@
 //   kind 5 MaxPool2d   p = {kernel, stride, padding}
 //   kind 6 global average pool to [N, C, 1, 1]
 //   kind 7 Flatten     to [N, -1]
+//
+// Residual networks (any module the planner traces, not only nn.Sequential) add four kinds
+// that move values between the "current" tensor and numbered slots, so that a program in
+// execution order can branch and join:
+//   kind 8  Save       p = {slot}          slot <- current (current unchanged)
+//   kind 9  Load       p = {slot}          current <- slot
+//   kind 10 Input      t = {side [N, ...]}  current <- side[idx]: a tensor cached over the pool
+//                                           that does not depend on the swept layer
+//   kind 11 Add        p = {slot, from_side}, t = {side [N, ...] when from_side}
+//                                           current <- current + slot (or + side[idx])
+// A program holding any of them is a "dag" program; the fused evaluation runs it with
+// evaluate_dag (fused_dag.cpp). Sequential programs never hold them.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -23,8 +35,10 @@ namespace rso {
 
 enum class OpKind : int64_t {
   Conv = 0, Linear = 1, BatchNorm = 2, ReLU = 3, AvgPool = 4, MaxPool = 5, GlobalAvgPool = 6,
-  Flatten = 7
+  Flatten = 7, Save = 8, Load = 9, Input = 10, Add = 11
 };
+
+constexpr int64_t kMaxSlots = 64;
 
 struct Op {
   OpKind kind;
@@ -37,6 +51,8 @@ struct Op {
 struct Program {
   std::vector<Op> ops;  // ops[0]: the swept conv/linear layer
   int64_t next = -1;    // index of the first conv/linear after ops[0], -1 if none
+  bool dag = false;     // holds Save/Load/Input/Add ops
+  int64_t slots = 0;    // 1 + the highest slot a Save/Load/Add names
 };
 
 // Parses and checks the encoding above (TORCH_CHECK errors name the op and the problem).
