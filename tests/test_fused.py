@@ -347,6 +347,7 @@ def test_op_boundary_errors_are_readable(sweeper):
         (dict(param=sw.unit.param.data.clone()), "param must be the program's tensor"),
         (dict(unit_op=3), "a weight or bias unit belongs to op 0"),
         (dict(target=sw.y[:5]), "target must be an int64 vector of length N = 30"),
+        (dict(target=torch.full_like(sw.y, 7)), r"label 7 of pool sample 0 is outside \[0, 3\)"),
         (dict(op_params=[1, 1]), "op_params must hold 4 integers per op"),
     ]
     for over, msg in cases:

@@ -588,11 +588,16 @@ class HeadCpu final : public Head {
       chain_logits(st, vals, d.data(), K, idx, B);
     }
     const int64_t classes = classes_;
+    const int64_t* target = s_.target.const_data_ptr<int64_t>();
+    for (int64_t b = 0; b < B; ++b) {
+      TORCH_CHECK(target[idx[b]] >= 0 && target[idx[b]] < classes, "fused: label ",
+                  target[idx[b]], " of pool sample ", idx[b], " is outside [0, ", classes,
+                  ") (the program gives ", classes, " logits)");
+    }
     if (!all_finite(lt_.data(), classes * B) || !all_finite(dt_.data(), K * B)) {
       exact_losses(o, idx, K, B, res);
       return;
     }
-    const int64_t* target = s_.target.const_data_ptr<int64_t>();
     ly_.resize(static_cast<size_t>(B));
     aux_.resize(static_cast<size_t>(B));
     for (int64_t b = 0; b < B; ++b) {
