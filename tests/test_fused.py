@@ -13,7 +13,7 @@ from rso_ext.evaluate import FullForward
 from rso_ext.fused import CacheStore as FusedStore, FusedSweeper
 from rso_ext.plan import PlanError, lower
 from rso_ext.streams import SweepStreams
-from rso_ext.sweep import NonFiniteLossError
+from rso_ext.sweep import NonFiniteLossError, candidate_values
 from rso_ext.visit import execution_order, visit_units
 
 from helpers import CatDag, TinyDag, tiny_net, toy_data
@@ -495,3 +495,37 @@ def test_program_forward_equals_the_modules(seed):
     with pytest.raises(RuntimeError, match="program_forward: op 0 has tensor 0 of Float"):
         torch.ops.rso_ext.program_forward(x.double(), prog["op_kinds"], prog["op_params"],
                                           prog["op_eps"], prog["op_tensors"])
+
+
+def test_logits_layer_sweep_with_the_pool_log_sum_exp_matches_per_weight_losses():
+    # a pool (40) smaller than a neuron's minibatches (4 weights x 16): the sweep keeps the
+    # other logits' log-sum-exp over the pool per neuron (head_cpu.cpp, pool_rest_losses);
+    # replayed weight by weight, the per-minibatch evaluation gives the same losses (up to
+    # the rounding of z: the sweep recomputes feature o per minibatch, the replay updates it)
+    net = tiny_net(seed=3, bias=True)
+    x, y = toy_data(40)
+    calibrate(net, x)
+    order = [m for _, m in execution_order(net, x[:2])]
+    plan = lower(net, x[:2])
+    unit = next(u for u in visit_units(net, x[:2]) if u.name == "fc.weight")
+    start = unit.param.data.clone()
+    n = unit.param.numel()
+    streams = SweepStreams.draw(torch.Generator().manual_seed(5), n, 0.5, len(x), 16)
+    values = candidate_values(start.view(-1), streams.deltas, 0.99)
+    with search_mode(net, order, unit.position):
+        sw = FusedSweeper(plan, unit)
+        sw.begin(x, y)
+        chosen, losses = torch.ops.rso_ext.fused_sweep(
+            sw.x, sw.z, unit.param.data, sw.y, *sw.prog.values(), 0, values,
+            streams.batches(0, n))
+        swept = unit.param.data.clone()
+        sw.end()
+        unit.param.data.copy_(start)
+        sw = FusedSweeper(plan, unit)
+        sw.begin(x, y)
+        for k in range(n):
+            torch.testing.assert_close(sw.losses(k, values[k], streams.batch(k)), losses[k],
+                                       rtol=1e-6, atol=1e-6, msg=lambda m: f"weight {k}: {m}")
+            sw.set(k, values[k, int(chosen[k])])
+    assert (chosen != 0).any()
+    torch.testing.assert_close(unit.param.data, swept, rtol=0, atol=0)

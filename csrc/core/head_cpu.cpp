@@ -226,6 +226,10 @@ class HeadCpu final : public Head {
     if (s_.conv) {
       build_pool_moments();
     }
+    // the logits layer: the other logits' log-sum-exp once per neuron over the pool, where
+    // the neuron's minibatches hold more samples than the pool
+    pool_rest_ = !s_.conv && chain_end_ == 1 && out_ == nullptr && s_.x.size(0) < B * s_.cin;
+    rest_o_ = -1;
     const T* v = vals.const_data_ptr<T>();
     const int64_t* ix = idx.const_data_ptr<int64_t>();
     double* losses = call.losses.mutable_data_ptr<double>();
@@ -569,6 +573,68 @@ class HeadCpu final : public Head {
     output_logits(B);
   }
 
+  // The losses of the logits layer from the log-sum-exp of the other logits kept over the
+  // pool for neuron o (computed when the sweep reaches the neuron: they do not move while its
+  // weights do); false (nothing written) where a value is not finite.
+  bool pool_rest_losses(const Site& st, const double* d, int64_t K, const int64_t* idx,
+                        int64_t B, double* res) {
+    const int64_t o = st.o, N = s_.x.size(0), C = C_;
+    if (rest_o_ != o) {
+      rest_.resize(static_cast<size_t>(N));
+      constexpr int64_t kBlock = 256;
+      at::parallel_for(0, (N + kBlock - 1) / kBlock, 1, [&](int64_t i0, int64_t i1) {
+        std::vector<T> t(static_cast<size_t>(C * kBlock)), mx(kBlock), sum(kBlock);
+        for (int64_t i = i0; i < i1; ++i) {
+          const int64_t n0 = i * kBlock, n = std::min(kBlock, N - n0);
+          for (int64_t c = 0; c < C; ++c) {
+            for (int64_t j = 0; j < n; ++j) {
+              t[c * n + j] = z_[(n0 + j) * C + c];
+            }
+          }
+          log_sum_exp_except<T>(t.data(), n, C, o, n, mx.data(), sum.data(), rest_.data() + n0);
+        }
+      });
+      rest_o_ = o;
+    }
+    const int64_t* target = s_.target.const_data_ptr<int64_t>();
+    ly_.resize(static_cast<size_t>(B));
+    aux_.resize(static_cast<size_t>(B));
+    del_.resize(static_cast<size_t>(B));  // the samples' rest
+    dt_.resize(static_cast<size_t>(K * B));
+    at_.resize(static_cast<size_t>(B));   // logit o now
+    for (int64_t b = 0; b < B; ++b) {
+      const int64_t n = idx[b], y = target[n];
+      del_[b] = rest_[n];
+      at_[b] = lazy_ ? fresh_[b] : z_[n * C + o];
+      ly_[b] = y == o ? T(0) : z_[n * C + y];
+      aux_[b] = y == o ? T(1) : T(0);
+    }
+    for (int64_t k = 0; k < K; ++k) {
+      const T dk = static_cast<T>(d[k]);
+      T* out = dt_.data() + k * B;
+      for (int64_t b = 0; b < B; ++b) {
+        out[b] = s_.kind == UnitKind::Weight
+                     ? math::add_product(at_[b], dk, x_[idx[b] * s_.cin + st.c])
+                     : at_[b] + dk;
+      }
+    }
+    if (!all_finite(del_.data(), B) || !all_finite(ly_.data(), B) ||
+        !all_finite(dt_.data(), K * B)) {
+      return false;
+    }
+    ce_.resize(static_cast<size_t>(K * B));
+    for (int64_t k = 0; k < K; ++k) {
+      moved_logit_ce<T>(del_.data(), dt_.data() + k * B, ly_.data(), aux_.data(), B,
+                        ce_.data() + k * B);
+      double sum = 0.0;
+      for (int64_t b = 0; b < B; ++b) {
+        sum += static_cast<double>(ce_[k * B + b]);
+      }
+      res[k] = sum;
+    }
+    return true;
+  }
+
   void evaluate(int64_t k, const T* vals, int64_t K, const int64_t* idx, int64_t B,
                 double* res) {
     const Site st = site_of(s_, k);
@@ -578,21 +644,24 @@ class HeadCpu final : public Head {
     for (int64_t j = 0; j < K; ++j) {
       d[j] = static_cast<double>(vals[j]) - static_cast<double>(w);
     }
-    if (lazy_) {
-      fresh_.resize(static_cast<size_t>(B * hw_));
-      recompute(o, idx, B, fresh_.data(), hw_);
-    }
-    if (!s_.conv && !chain_has_batch_norm_) {
-      layer_logits(st, d.data(), K, idx, B);
-    } else {
-      chain_logits(st, vals, d.data(), K, idx, B);
-    }
     const int64_t classes = classes_;
     const int64_t* target = s_.target.const_data_ptr<int64_t>();
     for (int64_t b = 0; b < B; ++b) {
       TORCH_CHECK(target[idx[b]] >= 0 && target[idx[b]] < classes, "fused: label ",
                   target[idx[b]], " of pool sample ", idx[b], " is outside [0, ", classes,
                   ") (the program gives ", classes, " logits)");
+    }
+    if (lazy_) {
+      fresh_.resize(static_cast<size_t>(B * hw_));
+      recompute(o, idx, B, fresh_.data(), hw_);
+    }
+    if (pool_rest_ && pool_rest_losses(st, d.data(), K, idx, B, res)) {
+      return;
+    }
+    if (!s_.conv && !chain_has_batch_norm_) {
+      layer_logits(st, d.data(), K, idx, B);
+    } else {
+      chain_logits(st, vals, d.data(), K, idx, B);
     }
     if (!all_finite(lt_.data(), classes * B) || !all_finite(dt_.data(), K * B)) {
       exact_losses(o, idx, K, B, res);
@@ -696,6 +765,9 @@ class HeadCpu final : public Head {
   std::vector<double> bm_, bq_, cm_, cq_;  // moments: current [C][B], candidates' [K][B]
   std::vector<T> fresh_, at_, dt_, lt_, ly_, aux_, del_, ce_;
   bool lazy_ = false;  // z[:, o] recomputed per minibatch and refreshed per neuron
+  bool pool_rest_ = false;          // pool_rest_losses
+  int64_t rest_o_ = -1;             // the neuron rest_ holds
+  std::vector<T> rest_;             // [N]: log-sum-exp of the logits but rest_o_
 };
 
 }  // namespace
