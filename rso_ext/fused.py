@@ -236,9 +236,8 @@ class FusedSweeper:
                 self.x, self.z, param, self.y, self.prog["op_kinds"], self.prog["op_params"],
                 self.prog["op_eps"], self.prog["op_tensors"], self.prog["unit_kind"],
                 self.prog["unit_op"], a, values, streams.batches(a, b).to(dev))
-            bad = (chosen == -1).nonzero()
-            if len(bad):
-                i = int(bad[0])
+            if int(chosen.min()) < 0:      # -1: a non-finite state stopped the call
+                i = int((chosen == -1).nonzero()[0])
                 param.view(-1)[a + i] = values[i, 0]
                 raise non_finite(self.unit, a + i, float(losses[i, 0]))
             accepted += int((chosen != 0).sum())

@@ -54,5 +54,10 @@ class SweepStreams:
         return torch.randint(0, self.pool_size, (self.batch_size,), generator=g)
 
     def batches(self, start: int, stop: int) -> torch.Tensor:
-        """int64 indices [stop - start, B] for weights ``start .. stop-1``."""
+        """int64 indices [stop - start, B] for weights ``start .. stop-1`` (row i is
+        ``batch(start + i)``)."""
+        if self.sampler == "shuffle":   # the chunks of the permutation, in one index op
+            n = self.pool_size // self.batch_size
+            chunks = self.perm[:n * self.batch_size].view(n, self.batch_size)
+            return chunks.index_select(0, torch.arange(start, stop) % n)
         return torch.stack([self.batch(k) for k in range(start, stop)])

@@ -75,6 +75,9 @@ def test_shuffle_sampler_chunks_one_permutation():
     assert torch.equal(torch.cat(chunks), s.perm[:20])
     assert torch.equal(s.batch(4), s.batch(0))           # k mod floor(23/5) = 4 chunks
     assert len(set(torch.cat(chunks).tolist())) == 20
+    for start, stop in [(0, 4), (3, 11), (7, 8)]:     # batches() is batch() row by row
+        assert torch.equal(s.batches(start, stop),
+                           torch.stack([s.batch(k) for k in range(start, stop)]))
 
 
 def test_random_sampler_is_reproducible_and_in_range():

@@ -100,8 +100,10 @@ class CpuBackend final : public Backend {
                 " must be int64 indices on the caches' device, got ", idx.scalar_type(), " on ",
                 idx.device());
     if (idx.numel() > 0) {
-      const int64_t lo = idx.min().item<int64_t>();
-      const int64_t hi = idx.max().item<int64_t>();
+      const at::Tensor c = idx.contiguous();
+      const int64_t* p = c.const_data_ptr<int64_t>();
+      const auto [lo_it, hi_it] = std::minmax_element(p, p + c.numel());
+      const int64_t lo = *lo_it, hi = *hi_it;
       TORCH_CHECK(lo >= 0 && hi < s.x.size(0), "fused: ", what, " holds sample index ",
                   lo < 0 ? lo : hi, " outside the pool [0, ", s.x.size(0), ")");
     }
