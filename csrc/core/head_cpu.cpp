@@ -228,7 +228,8 @@ class HeadCpu final : public Head {
     }
     // the logits layer: the other logits' log-sum-exp once per neuron over the pool, where
     // the neuron's minibatches hold more samples than the pool
-    pool_rest_ = !s_.conv && chain_end_ == 1 && out_ == nullptr && s_.x.size(0) < B * s_.cin;
+    const int64_t per_neuron = s_.kind == UnitKind::Weight ? s_.cin : 1;
+    pool_rest_ = !s_.conv && chain_end_ == 1 && out_ == nullptr && s_.x.size(0) < B * per_neuron;
     rest_o_ = -1;
     const T* v = vals.const_data_ptr<T>();
     const int64_t* ix = idx.const_data_ptr<int64_t>();
@@ -599,12 +600,12 @@ class HeadCpu final : public Head {
     const int64_t* target = s_.target.const_data_ptr<int64_t>();
     ly_.resize(static_cast<size_t>(B));
     aux_.resize(static_cast<size_t>(B));
-    del_.resize(static_cast<size_t>(B));  // the samples' rest
+    rest_b_.resize(static_cast<size_t>(B));
     dt_.resize(static_cast<size_t>(K * B));
     at_.resize(static_cast<size_t>(B));   // logit o now
     for (int64_t b = 0; b < B; ++b) {
       const int64_t n = idx[b], y = target[n];
-      del_[b] = rest_[n];
+      rest_b_[b] = rest_[n];
       at_[b] = lazy_ ? fresh_[b] : z_[n * C + o];
       ly_[b] = y == o ? T(0) : z_[n * C + y];
       aux_[b] = y == o ? T(1) : T(0);
@@ -618,13 +619,13 @@ class HeadCpu final : public Head {
                      : at_[b] + dk;
       }
     }
-    if (!all_finite(del_.data(), B) || !all_finite(ly_.data(), B) ||
+    if (!all_finite(rest_b_.data(), B) || !all_finite(ly_.data(), B) ||
         !all_finite(dt_.data(), K * B)) {
       return false;
     }
     ce_.resize(static_cast<size_t>(K * B));
     for (int64_t k = 0; k < K; ++k) {
-      moved_logit_ce<T>(del_.data(), dt_.data() + k * B, ly_.data(), aux_.data(), B,
+      moved_logit_ce<T>(rest_b_.data(), dt_.data() + k * B, ly_.data(), aux_.data(), B,
                         ce_.data() + k * B);
       double sum = 0.0;
       for (int64_t b = 0; b < B; ++b) {
@@ -768,6 +769,7 @@ class HeadCpu final : public Head {
   bool pool_rest_ = false;          // pool_rest_losses
   int64_t rest_o_ = -1;             // the neuron rest_ holds
   std::vector<T> rest_;             // [N]: log-sum-exp of the logits but rest_o_
+  std::vector<T> rest_b_;           // [B]: rest_ of the minibatch
 };
 
 }  // namespace
