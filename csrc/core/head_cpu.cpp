@@ -14,8 +14,11 @@
 // the current logits, or the chain's output is logit o itself.
 //
 // A conv sweep keeps m and q of every pool sample and channel next to Z_d (built once per
-// call, updated with every move); the loss loops vectorise over samples (fast_math_cpu.h).
-// A state with a non-finite logit takes the exact per-sample cross-entropy of math.h.
+// call, updated with every move); a linear weight sweep on a large pool recomputes feature o
+// per minibatch and refreshes it per neuron (as fused.cpp does for conv layers); the logits
+// layer keeps the other logits' log-sum-exp per neuron over a small pool. The loss loops
+// vectorise over samples (fast_math_cpu.h); a state with a non-finite logit takes the exact
+// per-sample cross-entropy of math.h.
 #include "head_cpu.h"
 
 #include <ATen/ATen.h>
