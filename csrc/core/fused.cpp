@@ -46,17 +46,16 @@ Site site_of(const Sweep& s, int64_t k) {
 namespace {
 
 // Number of features per sample after the last op (the logits' width): the per-sample shape
-// followed through the program as ATen computes it (floor-mode pooling, no dilation).
+// followed through the program as ATen computes it (floor-mode pooling, no dilation), and
+// through the slots and side inputs of a dag program.
 int64_t output_width(const Sweep& s) {
   const Program& prog = s.prog;
   if (prog.ops.size() == 1) {
     return s.cout;  // the swept layer gives the logits
   }
-  if (prog.dag) {
-    return dag_output_width(s);
-  }
   std::vector<int64_t> shape = s.conv ? std::vector<int64_t>{s.cout, s.ho, s.wo}
                                       : std::vector<int64_t>{s.cout};
+  std::vector<std::vector<int64_t>> slots(static_cast<size_t>(prog.slots));
   for (size_t i = 1; i < prog.ops.size(); ++i) {
     const Op& op = prog.ops[i];
     switch (op.kind) {
@@ -82,12 +81,18 @@ int64_t output_width(const Sweep& s) {
           shape = {shape[0], 1, 1};
         }
         break;
+      case OpKind::Save:
+        slots[op.p[0]] = shape;
+        break;
+      case OpKind::Load:
+        shape = slots[op.p[0]];
+        break;
+      case OpKind::Input:
+        shape = std::vector<int64_t>(op.t[0].sizes().begin() + 1, op.t[0].sizes().end());
+        break;
       case OpKind::Flatten:
       case OpKind::BatchNorm:
       case OpKind::ReLU:
-      case OpKind::Save:   // dag ops: dag_output_width
-      case OpKind::Load:
-      case OpKind::Input:
       case OpKind::Add:
         break;
     }

@@ -140,9 +140,6 @@ at::Tensor evaluate_dag(const Backend& be, const Sweep& s, const Site& st, int64
                         const at::Tensor& vals, const at::Tensor& idx, const at::Tensor& zo,
                         const at::Tensor& fresh_o);
 
-// The width of a dag program's output (the logits) per sample, following slots.
-int64_t dag_output_width(const Sweep& s);
-
 // The three operators over a backend (fused.cpp).
 at::Tensor candidate_losses(const Backend& be, const at::Tensor& x, const at::Tensor& z,
                             const at::Tensor& param, const at::Tensor& target,

@@ -119,59 +119,6 @@ Val add(Val x, Val y, int64_t o, int64_t K) {
 
 }  // namespace
 
-int64_t dag_output_width(const Sweep& s) {
-  const Program& prog = s.prog;
-  std::vector<int64_t> shape = s.conv ? std::vector<int64_t>{s.cout, s.ho, s.wo}
-                                      : std::vector<int64_t>{s.cout};
-  std::vector<std::vector<int64_t>> slots(static_cast<size_t>(prog.slots));
-  for (size_t i = 1; i < prog.ops.size(); ++i) {
-    const Op& op = prog.ops[i];
-    switch (op.kind) {
-      case OpKind::Conv:
-        if (shape.size() == 3) {
-          shape = {op.t[0].size(0), (shape[1] + 2 * op.p[2] - op.t[0].size(2)) / op.p[0] + 1,
-                   (shape[2] + 2 * op.p[3] - op.t[0].size(3)) / op.p[1] + 1};
-        }
-        break;
-      case OpKind::Linear:
-        shape = {op.t[0].size(0)};
-        break;
-      case OpKind::AvgPool:
-      case OpKind::MaxPool:
-        if (shape.size() == 3) {
-          for (int j = 1; j < 3; ++j) {
-            shape[j] = (shape[j] + 2 * op.p[2] - op.p[0]) / op.p[1] + 1;
-          }
-        }
-        break;
-      case OpKind::GlobalAvgPool:
-        if (shape.size() == 3) {
-          shape = {shape[0], 1, 1};
-        }
-        break;
-      case OpKind::Save:
-        slots[op.p[0]] = shape;
-        break;
-      case OpKind::Load:
-        shape = slots[op.p[0]];
-        break;
-      case OpKind::Input:
-        shape = std::vector<int64_t>(op.t[0].sizes().begin() + 1, op.t[0].sizes().end());
-        break;
-      case OpKind::Flatten:
-      case OpKind::BatchNorm:
-      case OpKind::ReLU:
-      case OpKind::Add:
-        break;
-    }
-  }
-  int64_t width = 1;
-  for (int64_t d : shape) {
-    width *= d;
-  }
-  return width;
-}
-
 at::Tensor evaluate_dag(const Backend& be, const Sweep& s, const Site& st, int64_t K,
                         const at::Tensor& vals, const at::Tensor& idx, const at::Tensor& zo,
                         const at::Tensor& fresh_o) {
