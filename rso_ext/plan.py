@@ -111,6 +111,17 @@ def _lower_child(name: str, m: nn.Module, shape: torch.Size, last: bool) -> Step
                     "Flatten, Dropout); use backend='torch' for this model")
 
 
+def owning_layer(steps: list, idx: int, unit: Unit) -> int:
+    """Index of the conv/linear step whose output the unit of step ``idx`` changes: the step
+    itself, or for a BatchNorm the last conv/linear before it."""
+    if steps[idx].kind in (CONV, LINEAR):
+        return idx
+    owner = max((i for i in range(idx) if steps[i].kind in (CONV, LINEAR)), default=None)
+    if owner is None:
+        raise PlanError(f"BatchNorm {unit.name!r} runs before any conv/linear layer")
+    return owner
+
+
 class Plan:
     """An ``nn.Sequential`` lowered child by child, with the fused program of each unit."""
 
@@ -160,12 +171,7 @@ class Plan:
         idx = next((i for i, s in enumerate(self.steps) if s.module is unit.module), None)
         if idx is None:
             raise PlanError(f"unit {unit.name!r} does not belong to a direct child of the model")
-        if self.steps[idx].kind in (CONV, LINEAR):
-            return idx
-        owner = max((i for i in range(idx) if self.steps[i].kind in (CONV, LINEAR)), default=None)
-        if owner is None:
-            raise PlanError(f"BatchNorm {unit.name!r} runs before any conv/linear layer")
-        return owner
+        return owning_layer(self.steps, idx, unit)
 
     def stash_points(self, start: int) -> list[int]:
         """The conv/linear children before ``start`` whose inputs a cache build for ``start``

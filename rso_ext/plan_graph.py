@@ -35,7 +35,7 @@ from torch import nn
 
 from .plan import (ADD, AVGPOOL, BN, CONV, FLATTEN, GAP, INPUT, LINEAR, LOAD, MAXPOOL, RELU,
                    SAVE, UNIT_BETA, UNIT_BIAS, UNIT_GAMMA, UNIT_WEIGHT, PlanError, Step,
-                   _lower_child)
+                   _lower_child, owning_layer)
 from .visit import MIXING, Unit
 
 #: index of the model's input among node indices
@@ -302,13 +302,7 @@ class GraphPlan:
     def owner(self, unit: Unit) -> int:
         """Index of the conv/linear node whose output the unit changes (for a BatchNorm: the
         last conv/linear before it in execution order, as rso_ext.visit groups them)."""
-        idx = self._node_of(unit)
-        if self.steps[idx].kind in (CONV, LINEAR):
-            return idx
-        owner = max((i for i in range(idx) if self.steps[i].kind in (CONV, LINEAR)), default=None)
-        if owner is None:
-            raise PlanError(f"BatchNorm {unit.name!r} runs before any conv/linear layer")
-        return owner
+        return owning_layer(self.steps, self._node_of(unit), unit)
 
     def stash_points(self, start: int) -> list[int]:
         """No inputs are stashed for shallower layers of a traced graph (each unit sweep
