@@ -39,30 +39,14 @@ namespace rso {
 namespace fused {
 namespace {
 
-// Mean and mean square of n values (four partial sums each, which the compiler keeps in
-// vector registers; every caller takes this one order, so the moments of a row are the same
-// bits wherever they are computed).
+// Mean and mean square of n values (cpu::sums; every caller takes this one function, so the
+// moments of a row are the same bits wherever they are computed).
 template <typename T>
 inline void row_moments(const T* r, int64_t n, double& m, double& q) {
-  double s[4] = {0.0, 0.0, 0.0, 0.0};
-  double s2[4] = {0.0, 0.0, 0.0, 0.0};
-  int64_t j = 0;
-  for (; j + 4 <= n; j += 4) {
-    for (int l = 0; l < 4; ++l) {
-      const double v = static_cast<double>(r[j + l]);
-      s[l] += v;
-      s2[l] += v * v;
-    }
-  }
-  double a = (s[0] + s[1]) + (s[2] + s[3]);
-  double a2 = (s2[0] + s2[1]) + (s2[2] + s2[3]);
-  for (; j < n; ++j) {
-    const double v = static_cast<double>(r[j]);
-    a += v;
-    a2 += v * v;
-  }
-  m = a / static_cast<double>(n);
-  q = a2 / static_cast<double>(n);
+  double s1 = 0.0, s2 = 0.0;
+  cpu::sums(r, n, s1, s2);
+  m = s1 / static_cast<double>(n);
+  q = s2 / static_cast<double>(n);
 }
 
 // 1 when every value is finite, else 0.

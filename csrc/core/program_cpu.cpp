@@ -14,10 +14,7 @@
 
 namespace rso {
 namespace cpu {
-namespace {
 
-// sum and sum of squares of p[0..n) in double (eight independent accumulators, so the loop
-// vectorises without reassociating a single running sum).
 template <typename T>
 RSO_CPU_CLONES void sums(const T* p, int64_t n, double& s1, double& s2) {
   double a[8] = {0, 0, 0, 0, 0, 0, 0, 0};
@@ -40,6 +37,11 @@ RSO_CPU_CLONES void sums(const T* p, int64_t n, double& s1, double& s2) {
     s2 += q[j];
   }
 }
+
+template void sums<float>(const float*, int64_t, double&, double&);
+template void sums<double>(const double*, int64_t, double&, double&);
+
+namespace {
 
 // out = (x - center) * scale + shift (then max(., 0) when relu), elementwise over n values.
 template <typename T>
