@@ -43,6 +43,15 @@ Site site_of(const Sweep& s, int64_t k) {
   return Site{k / (s.cin * taps), r / taps, (r % taps) / s.kw, r % s.kw};
 }
 
+// Whether a weight sweep with minibatches of B samples should leave z[:, o] stale while it
+// sweeps neuron o (fused.h): an accepted move (nearly every weight moves: the weight-decay step)
+// costs a pass over the pool's channel o, N * ho * wo multiply-adds through memory, while
+// recomputing the channel for one minibatch costs B * ho * wo * cin * kh * kw in registers;
+// a pass through memory is counted as 4.
+bool lazy_z_pays(const Sweep& s, int64_t B) {
+  return 4 * s.x.size(0) > B * s.cin * s.kh * s.kw;
+}
+
 namespace {
 
 // Number of features per sample after the last op (the logits' width): the per-sample shape
@@ -203,15 +212,6 @@ Sweep make_sweep(const at::Tensor& x, const at::Tensor& z, const at::Tensor& par
   s.unit_op = unit_op;
   s.classes = output_width(s);
   return s;
-}
-
-// Whether a conv weight sweep with minibatches of B samples should leave z[:, o] stale while
-// it sweeps neuron o: an accepted move (nearly every weight moves: the weight-decay step)
-// costs a pass over the pool's channel o, N * ho * wo multiply-adds through memory, while
-// recomputing the channel for one minibatch costs B * ho * wo * cin * kh * kw in registers;
-// a pass through memory is counted as 4.
-bool lazy_z_pays(const Sweep& s, int64_t B) {
-  return 4 * s.x.size(0) > B * s.cin * s.kh * s.kw;
 }
 
 }  // namespace

@@ -48,6 +48,12 @@ struct Site {
 
 Site site_of(const Sweep& s, int64_t k);
 
+// Whether a weight sweep of `s` with minibatches of B samples should recompute channel o of
+// the swept layer per minibatch and refresh it over the pool once neuron o is done, rather
+// than update it over the pool with every move. The generic sweep does so for conv layers;
+// the CPU logits head for linear layers too.
+bool lazy_z_pays(const Sweep& s, int64_t B);
+
 class Head;
 
 // The device-specific steps. Tensors are on the caches' device; `idx` is a contiguous int64

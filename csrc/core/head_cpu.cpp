@@ -205,11 +205,9 @@ class HeadCpu final : public Head {
   void sweep(Backend::SweepCall& call, int64_t k0, const at::Tensor& vals,
              const at::Tensor& idx) override {
     const int64_t m = vals.size(0), K = vals.size(1), B = idx.size(1);
-    // fused.cpp decides for conv layers; a linear layer's weight recomputes feature o for a
-    // minibatch (B * cin multiply-adds in registers) rather than update it over a pool whose
-    // column o is strided through memory (counted as 4 per sample)
-    lazy_ = s_.lazy_z ||
-            (!s_.conv && s_.kind == UnitKind::Weight && 4 * s_.x.size(0) > B * s_.cin);
+    // fused.cpp decides for conv layers; a linear layer's weight by the same rule (its
+    // column of the pool is strided through memory, feature o is cin multiply-adds)
+    lazy_ = s_.lazy_z || (!s_.conv && s_.kind == UnitKind::Weight && lazy_z_pays(s_, B));
     if (s_.conv) {
       build_pool_moments();
     }
