@@ -1,7 +1,7 @@
 """Build of rso_ext and its compiled operators rso_ext._C.
 
-    pip install torch numpy pybind11 ninja
-    pip install --no-build-isolation -e .
+    pip install torch==2.13.0 numpy pybind11 ninja setuptools wheel
+    pip install --no-build-isolation -e ".[test]"
 
 The C++ (CPU) operators are always built. The CUDA kernels (csrc/cuda/*.cu and
 csrc/core/*_cuda.cpp, compiled with -DWITH_CUDA) are added when the installed torch
@@ -80,6 +80,13 @@ setup(
     ext_modules=[_extension()],
     cmdclass={"build_ext": BuildExtension},
     python_requires=">=3.9",
+    # torch stays unpinned here: a GPU machine brings its own CUDA build. README pins the CPU wheel.
     install_requires=["torch>=2.1", "numpy", "tqdm"],
+    extras_require={
+        # what the test suite imports (README's test command installs ".[test]")
+        "test": ["pytest", "hypothesis", "matplotlib"],
+        "plot": ["matplotlib"],
+        "dfo": ["nevergrad"],
+    },
     zip_safe=False,
 )

@@ -28,7 +28,7 @@ RESULT = "result.json"
 DEFAULTS = dict(model="paper_mnist", data="mnist", data_root=None, download=False, cycles=2,
                 batch_size=64, train_size=None, val_size=1000, normalize="mean",
                 sampler="shuffle", alpha=0.1, weight_decay=1e-4, sigma="he", sample_scale=1.0,
-                calib_size=2000, device="cpu", backend="torch", pool_size=None, seed=0, threads=None,
+                calib_size=2000, device="cpu", backend="auto", pool_size=None, seed=0, threads=None,
                 method="rso", generations=None, population=None, noise=None, lr=None,
                 temperature=None, sparsity=None, params=None)
 
@@ -257,7 +257,9 @@ def train(args: argparse.Namespace) -> int:
         metrics_path.unlink(missing_ok=True)
     print(f"run folder: {run_dir}\ntraining {cfg['model']} on {len(splits.train_x)} "
           f"{cfg['data']} images, B={cfg['batch_size']}, {cfg['cycles']} cycle(s), "
-          f"backend={cfg['backend']}, device={cfg['device']}", flush=True)
+          f"device={cfg['device']}", flush=True)
+    if getattr(rso, "backend_reason", ""):
+        print(f"backend {rso.backend_reason}", flush=True)
 
     t_start = time.perf_counter() - elapsed
     for stats in _stop_note(rso.run(splits.train_x, splits.train_y,
@@ -280,9 +282,25 @@ def train(args: argparse.Namespace) -> int:
                   batch_size=cfg["batch_size"], train_size=len(splits.train_x),
                   seconds=time.perf_counter() - t_start, **_evaluate(rso, splits))
     checkpoint.atomic_write_bytes(run_dir / RESULT, json.dumps(result, indent=2).encode())
-    print(f"final test accuracy {result['test_acc']:.4f} after {cfg['cycles']} cycle(s) "
-          f"in {result['seconds']:.1f} s; results in {run_dir / RESULT}", flush=True)
+    print(_summary(result, cfg, run_dir), flush=True)
     return 0
+
+
+# the paper's MNIST settings on the full data (README.md, "Reproducing the paper")
+PAPER_COMMAND = ("python -m rso_ext train --data-root MNIST_DIR --val-size 5000 "
+                 "--batch-size 5000 --cycles 50")
+
+
+def _summary(result: dict[str, Any], cfg: dict[str, Any], run_dir: Path) -> str:
+    """The closing lines of ``train``: what was reached, where it is, what to run next."""
+    acc = "  ".join(f"{k.split('_')[0]} {100 * result[k]:.2f} %"
+                    for k in ("test_acc", "val_acc") if k in result)
+    return (f"\ndone: {acc} after {cfg['cycles']} cycle(s) in {result['seconds']:.0f} s\n"
+            f"  run folder: {run_dir} (result.json, metrics.jsonl, checkpoint.pt)\n"
+            f"  plot:       python -m rso_ext plot {run_dir}   (needs matplotlib)\n"
+            f"  evaluate:   python -m rso_ext eval {run_dir}\n"
+            f"  the paper's settings on the full MNIST (hours on a CPU):\n"
+            f"              {PAPER_COMMAND}")
 
 
 def evaluate_run(args: argparse.Namespace) -> int:

@@ -6,6 +6,7 @@ on the weight's own minibatch; the lowest summed float64 cross-entropy wins and 
 """
 from __future__ import annotations
 
+import logging
 import math
 import numbers
 import time
@@ -23,6 +24,8 @@ from .plan import Plan, PlanError, lower
 from .sweep import NonFiniteLossError, Sweeper, TorchSweeper
 from .streams import SAMPLERS, SweepStreams
 from .visit import Unit, check_supported, execution_order, visit_units
+
+logger = logging.getLogger("rso_ext")
 
 BACKENDS = ("auto", "fused", "torch")
 STATE_FORMAT = 1
@@ -64,7 +67,8 @@ class RSO:
         backend: how candidates are evaluated: ``"torch"`` is the pure-PyTorch reference (any
             model), ``"fused"`` the compiled fused evaluation (models :mod:`rso_ext.plan` can
             lower; others raise :class:`rso_ext.plan.PlanError` naming the module), ``"auto"``
-            fused whenever the model can be lowered, else torch.
+            (the default) fused whenever the model can be lowered, else torch;
+            :attr:`backend_reason` says which one runs and why once data has been seen.
         pool_size: if smaller than the training set, each unit sweep draws this many training
             samples (from the generator, before its streams) and searches on them only; it
             bounds the memory of the caches.
@@ -77,7 +81,7 @@ class RSO:
                  alpha: float = 0.1, weight_decay: float = 1e-4, sampler: str = "shuffle",
                  sigma: str = "he", sample_scale: float = 1.0,
                  bn_sigma: float = schedule.BN_SIGMA, calib_size: int = 2000,
-                 generator: Optional[torch.Generator] = None, backend: str = "torch",
+                 generator: Optional[torch.Generator] = None, backend: str = "auto",
                  pool_size: Optional[int] = None, memory_limit: Optional[int] = None) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
@@ -132,6 +136,7 @@ class RSO:
         self.units: Optional[list[Unit]] = None
         self.sigma0: Optional[list[float]] = None
         self.plan: Optional[Plan] = None
+        self.backend_reason = ""
         self.memory_limit = memory_limit
         self._footprint: Optional[tuple[torch.Size, list]] = None
         # fused: caches handed from a layer's unit to the next, and shallower layers' inputs
@@ -143,15 +148,23 @@ class RSO:
             sample = x[:2]
             self.units = visit_units(self.model, sample)
             self._order = [m for _, m in execution_order(self.model, sample)]
-            if self.hparams["backend"] != "torch":
+            asked = self.hparams["backend"]
+            self.backend_reason = "torch: asked for with backend='torch'"
+            if asked != "torch":
                 try:
                     plan = lower(self.model, sample)
                     if plan.dag:      # a traced graph: refuse a unit it cannot sweep now
                         plan.check_units(self.units)
                     self.plan = plan
-                except PlanError:
-                    if self.hparams["backend"] == "fused":
+                    self.backend_reason = (f"fused: asked for with backend={asked!r}"
+                                           if asked == "fused" else
+                                           "fused: backend='auto' and the model lowers")
+                except PlanError as e:
+                    if asked == "fused":
                         raise
+                    self.backend_reason = f"torch: backend='auto' but the fused path cannot " \
+                                          f"lower the model ({e})"
+                logger.info("rso_ext backend %s", self.backend_reason)
             if self.sigma0 is None:
                 h = self.hparams
                 self.sigma0 = [schedule.base_sigma(u.module, u.param_name, u.param, h["sigma"],

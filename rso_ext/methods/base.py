@@ -104,7 +104,6 @@ class PerWeightMethod(RSO):
     method = ""
 
     def __init__(self, model: nn.Module, **kwargs: Any) -> None:
-        kwargs.setdefault("backend", "torch")
         super().__init__(model, **kwargs)
         self.hparams["method"] = self.method
 

@@ -92,7 +92,7 @@ class SimulatedAnnealing(PerWeightMethod):
         t0: temperature at the first cycle, in per-sample cross-entropy units (>= 0).
         t_final: temperature at the last cycle (>= 0; 0 with ``schedule="linear"`` ends greedy).
         schedule: ``"exp"`` (geometric) or ``"linear"``.
-        backend: candidate evaluator, ``"torch"`` (default) or any backend of :class:`RSO`.
+        backend: candidate evaluator, any backend of :class:`RSO` (default ``"auto"``: fused when the model lowers).
     """
 
     method = "sa"

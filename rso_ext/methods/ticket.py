@@ -132,7 +132,7 @@ class TicketFinder(PerWeightMethod):
             cycles), see the module documentation.
         init: ``"model"`` or ``"signed_constant"``.
         sampler, calib_size, generator, backend, pool_size: as for :class:`rso_ext.RSO`
-            (``backend`` defaults to ``"torch"``).
+            (``backend`` defaults to ``"auto"``: fused when the model lowers).
     """
 
     method = "ticket"
