@@ -36,8 +36,5 @@ def git_commit() -> str:
 
 
 def default_data_root() -> str | None:
-    """The full MNIST beside the checkout (../shared/data/mnist) or inside it, if present."""
-    for p in (ROOT.parent / "shared" / "data" / "mnist", ROOT / "shared" / "data" / "mnist"):
-        if p.is_dir():
-            return str(p)
-    return None
+    """The full MNIST named by the environment variable RSO_EXT_MNIST_ROOT (README.md), if set."""
+    return os.environ.get("RSO_EXT_MNIST_ROOT") or None

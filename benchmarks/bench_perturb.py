@@ -246,7 +246,7 @@ def main(argv=None) -> int:
     p.add_argument("--backends", default=None,
                    help=f"comma list among {','.join(ALL_BACKENDS)} (default: all available)")
     p.add_argument("--data-root", default=default_data_root(),
-                   help="MNIST folder (default ../shared/data/mnist if present, else the "
+                   help="MNIST folder (default: $RSO_EXT_MNIST_ROOT if set, else the "
                         "embedded 10k subset; 'embedded' forces the subset)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--cycles", type=int, default=50, help="RSO cycles (sets the annealing; "

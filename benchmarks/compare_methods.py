@@ -1,6 +1,6 @@
 """Every gradient-free method of rso_ext on the same model, data and budget, plus EvoTorch's PGPE.
 
-    python benchmarks/compare_methods.py [--quick] [--data-root ../shared/data/mnist]
+    python benchmarks/compare_methods.py [--quick] [--data-root MNIST_DIR]
 
 Methods: rso, sa, ticket (per-weight, :mod:`rso_ext.methods`), es, ga, dfo (population searches,
 batched with torch.func.vmap) and evotorch (EvoTorch's PGPE: symmetric sampling, centred ranks,
@@ -42,7 +42,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _env import git_commit  # noqa: E402
+from _env import default_data_root, git_commit  # noqa: E402
 
 from rso_ext import RSO, data, metrics, models  # noqa: E402
 from rso_ext.methods import (DFO, BatchedLoss, EvolutionStrategy,  # noqa: E402
@@ -197,7 +197,8 @@ def plot(results, path):
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--data-root", default=str(ROOT.parent / "shared" / "data" / "mnist"))
+    ap.add_argument("--data-root", default=default_data_root(),
+                    help="the full MNIST (default: $RSO_EXT_MNIST_ROOT)")
     ap.add_argument("--quick", action="store_true", help="a fifth of the budget, 5k images")
     ap.add_argument("--rso-cycles", type=int, default=None,
                     help="the budget, as RSO cycles (default 3; 1 with --quick)")

@@ -60,7 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     p.add_argument("--data-root", default=None,
                    help="MNIST folder; 'embedded' for the subset shipped in the package (default: "
-                        "../shared/data/mnist relative to the repo if it exists, else embedded; "
+                        "$RSO_EXT_MNIST_ROOT if set, else embedded; "
                         "quick: embedded)")
     p.add_argument("--val-size", type=int, default=None,
                    help="training images held out for validation (default 5000; quick: 1000)")

@@ -92,7 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("run_dir")
     e.add_argument("--device", choices=["cpu", "cuda"], default=None)
 
-    pl = sub.add_parser("plot", help="accuracy and loss against cycles, to a PNG")
+    pl = sub.add_parser("plot", help="training loss over time and accuracy per cycle, to a PNG")
     pl.add_argument("run_dir")
     pl.add_argument("--output", default=None, help="PNG path (default: RUN_DIR/curves.png)")
     return p
@@ -331,22 +331,39 @@ def plot(args: argparse.Namespace) -> int:
         import matplotlib.pyplot as plt
     except ImportError:
         raise SystemExit("error: plot needs matplotlib (pip install matplotlib)") from None
+    from matplotlib.ticker import MaxNLocator
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    sweeps = [r for r in rows if r["type"] == "sweep"]
     cyc = [r for r in rows if r["type"] == "cycle"]
-    if not cyc:
-        raise SystemExit(f"error: {path} holds no finished cycle yet")
-    x = [r["cycle"] for r in cyc]
-    fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 4))
-    for key in ("test_acc", "val_acc"):
-        if key in cyc[0]:
-            a1.plot(x, [100 * r[key] for r in cyc], marker="o", label=key)
-    a1.set(xlabel="cycle", ylabel="accuracy (%)", title="accuracy")
+    if not sweeps:
+        raise SystemExit(f"error: {path} holds no finished unit sweep yet")
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4))
+    # left: the training loss of every unit sweep (mean winning minibatch loss) over the time
+    # spent searching, cycle ends marked
+    t, clock, ends = [], 0.0, []
+    for r in sweeps:
+        clock += r["seconds"]
+        t.append(clock / 60)
+        if r.get("cycle_done"):
+            ends.append(clock / 60)
+    a1.plot(t, [r["mean_loss"] for r in sweeps], lw=1, marker=".", ms=3, label="unit sweep")
+    for i, e in enumerate(ends):
+        a1.axvline(e, color="grey", ls=":", lw=1, label="end of a cycle" if i == 0 else None)
+    a1.set(xlabel="search time (min)", ylabel="mean minibatch cross-entropy",
+           title="training loss per unit sweep")
     a1.legend()
-    for key in ("test_loss", "val_loss"):
-        if key in cyc[0]:
-            a2.plot(x, [r[key] for r in cyc], marker="o", label=key)
-    a2.set(xlabel="cycle", ylabel="mean cross-entropy", title="loss")
-    a2.legend()
+    # right: accuracy after each cycle
+    if cyc:
+        x = [r["cycle"] for r in cyc]
+        for key in ("val_acc", "test_acc"):
+            if key in cyc[0]:
+                a2.plot(x, [100 * r[key] for r in cyc], marker="o", label=key.split("_")[0])
+        a2.legend()
+    else:
+        a2.text(0.5, 0.5, "no cycle finished yet", ha="center", va="center",
+                transform=a2.transAxes)
+    a2.xaxis.set_major_locator(MaxNLocator(integer=True))
+    a2.set(xlabel="cycle", ylabel="accuracy (%)", title="accuracy after each cycle")
     fig.tight_layout()
     out = Path(args.output) if args.output else run_dir / "curves.png"
     fig.savefig(out, dpi=100)

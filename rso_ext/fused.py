@@ -91,7 +91,8 @@ class FusedSweeper:
         if old is not None and old["key"][0] == start and old["key"][1] is x and \
                 old["key"][2] == x._version and _same(old["prefix"], _snapshot(prefix)):
             self.x = old.pop("x")
-            self.z = old.pop("z") if _same(old["layer"], _snapshot([layer])) else None
+            self.z = old.pop("z") if old["z"] is not None and \
+                _same(old["layer"], _snapshot([layer])) else None
             del old    # an outdated Z_d is freed before it is rebuilt
             if self.z is None:
                 self.z = self._chunked(self._forward(start, start + 1), self.x)
@@ -118,7 +119,7 @@ class FusedSweeper:
                 old["x"] is x and old["version"] == x._version and old["wanted"] == wanted and \
                 _same(old["prefix"], _snapshot(deps)):
             values = old["values"]
-            if _same(old["layer"], _snapshot([layer])):
+            if old["z"] is not None and _same(old["layer"], _snapshot([layer])):
                 z = old["z"]
         del old    # outdated caches are freed before they are rebuilt
         if values is None:
@@ -194,7 +195,14 @@ class FusedSweeper:
         return torch.cat(parts).contiguous()
 
     def end(self) -> None:
-        """Drop the caches, or hand them to the store with the state they are exact for."""
+        """Drop the caches, or hand them to the store with the state they are exact for.
+
+        ``Z_d`` is handed on only if this sweep did not move the layer's own weights: the sweep
+        kept it exact move by move, but in another rounding than a fresh build, and a run
+        resumed from a checkpoint builds it fresh. Rebuilding it (one layer over the pool) keeps
+        a resumed run bitwise equal to an uninterrupted one."""
+        if self.x is not None and self.unit.module is self.plan.steps[self._start()].module:
+            self.z = None
         graph = getattr(self, "_graph", None)
         if graph is not None:
             if self.store is not None and self.x is not None:
@@ -210,6 +218,11 @@ class FusedSweeper:
             self.store.put(key=self._key, x=self.x, z=self.z,
                            prefix=_snapshot(children[:start]), layer=_snapshot([children[start]]))
         self.x = self.z = self.y = None
+
+    def _start(self) -> int:
+        """Index of the swept layer among the plan's steps."""
+        graph = getattr(self, "_graph", None)
+        return graph["start"] if graph is not None else self._key[0]
 
     def cache_bytes(self) -> int:
         """Bytes held by the caches of this sweep."""

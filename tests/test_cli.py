@@ -111,6 +111,33 @@ def test_eval_and_plot(full_run, capsys):
     assert (full_run / "curves.png").stat().st_size > 1000
 
 
+def test_plot_draws_a_run_that_has_not_finished_a_cycle(full_run, tmp_path):
+    pytest.importorskip("matplotlib")
+    part = tmp_path / "part"
+    part.mkdir()
+    (part / cli.CONFIG).write_text((full_run / cli.CONFIG).read_text())
+    rows = (full_run / cli.METRICS).read_text().splitlines()
+    (part / cli.METRICS).write_text("\n".join(rows[:3]) + "\n")     # three unit sweeps
+    assert all(json.loads(r)["type"] == "sweep" for r in rows[:3])
+    assert cli.main(["plot", str(part), "--output", str(tmp_path / "p.png")]) == 0
+    assert (tmp_path / "p.png").stat().st_size > 1000
+    (part / cli.METRICS).write_text("")
+    with pytest.raises(SystemExit, match="no finished unit sweep"):
+        cli.main(["plot", str(part)])
+
+
+def test_train_says_which_backend_runs_and_ends_with_a_summary(tiny_root, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert cli.main(_args(tiny_root, out, "--cycles", "1")) == 0
+    text = capsys.readouterr().out
+    assert "backend fused: backend='auto' and the model lowers" in text
+    result = json.loads((out / cli.RESULT).read_text())
+    assert f"test {100 * result['test_acc']:.2f} %" in text
+    assert f"python -m rso_ext plot {out}" in text and cli.PAPER_COMMAND in text
+    assert cli.main(_args(tiny_root, tmp_path / "t", "--cycles", "1", "--backend", "torch")) == 0
+    assert "backend torch: asked for with backend='torch'" in capsys.readouterr().out
+
+
 def test_bad_arguments_are_named(tiny_root, tmp_path, capsys):
     assert cli.main(_args(tiny_root, tmp_path / "r1", "--batch-size", "500")) == 2
     assert "batch_size=500 is larger than the training set" in capsys.readouterr().err

@@ -21,14 +21,15 @@ MNIST_TRAIN_COUNTS = [5923, 6742, 5958, 6131, 5842, 5421, 5918, 6265, 5851, 5949
 
 
 def _real_mnist_root() -> Path | None:
+    """The full MNIST named by RSO_EXT_MNIST_ROOT (README.md), if it is there."""
     env = os.environ.get("RSO_EXT_MNIST_ROOT")
-    for p in ([Path(env)] if env else []) + [Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist"]:
-        try:
-            D.find_raw_file(p, "mnist", "train-labels-idx1-ubyte")
-            return p
-        except FileNotFoundError:
-            pass
-    return None
+    if not env:
+        return None
+    try:
+        D.find_raw_file(Path(env), "mnist", "train-labels-idx1-ubyte")
+    except FileNotFoundError:
+        return None
+    return Path(env)
 
 
 def _write_set(root: Path, n_train: int = 12, n_test: int = 5, folder: bool = True) -> Path:

@@ -393,7 +393,17 @@ def test_cache_store_hands_caches_to_the_next_unit_of_the_same_layer_only_while_
     sw = begin("conv2.weight")
     x0, z0 = sw.x, sw.z
     sw.end()
-    sw = begin("bn2.bias")                       # nothing changed: both reused
+    # after a sweep of the layer's own weights Z_d is rebuilt, bitwise as a fresh build (what
+    # a run resumed at the next unit computes), even where no move was accepted
+    sw = begin("bn2.bias")
+    assert sw.x is x0 and sw.z is not z0
+    fresh = FusedSweeper(plan, units["bn2.bias"], store=None)
+    with search_mode(net, order, units["bn2.bias"].position):
+        fresh.begin(x, y)
+    assert torch.equal(sw.z, fresh.z) and torch.equal(sw.x, fresh.x)
+    x0, z0 = sw.x, sw.z
+    sw.end()
+    sw = begin("bn2.weight")                     # a BN unit moved nothing of conv2: both reused
     assert sw.x is x0 and sw.z is z0
     sw.end()
     with torch.no_grad():

@@ -283,6 +283,11 @@ def test_caches_are_handed_to_the_batchnorm_units_of_a_layer():
     x0, z0, n0 = sw.x, sw.z, sw.cache_bytes()
     assert n0 > 2 * x0.numel() * 4          # X_d, Z_d and proj's output (a side input)
     sw.end()
+    sw = begin("bn3.bias")                   # after the layer's own sweep Z_d is rebuilt
+    assert sw.x is x0 and sw.z is not z0
+    torch.testing.assert_close(sw.z, net.conv3(x0))
+    z0 = sw.z
+    sw.end()
     sw = begin("bn3.bias")                   # nothing changed: all reused
     assert sw.x is x0 and sw.z is z0
     sw.end()

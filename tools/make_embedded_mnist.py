@@ -3,13 +3,14 @@
 
     python tools/make_embedded_mnist.py [SOURCE_DIR] [--out OUT_DIR]
 
-SOURCE_DIR holds the four standard MNIST files (.gz or raw, flat or <dir>/MNIST/raw/); default
-../shared/data/mnist relative to the repository. Output: OUT_DIR/MNIST/raw/*.gz (gzip level 9, mtime 0,
+SOURCE_DIR holds the four standard MNIST files (.gz or raw, flat or <dir>/MNIST/raw/); default: the
+environment variable RSO_EXT_MNIST_ROOT. Output: OUT_DIR/MNIST/raw/*.gz (gzip level 9, mtime 0,
 so the bytes are reproducible) and OUT_DIR/README.md. Default OUT_DIR: rso_ext/datasets/mnist_small.
 """
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -45,7 +46,7 @@ same licence.
 
 ## Regenerate
 
-    python tools/make_embedded_mnist.py ../shared/data/mnist --out rso_ext/datasets/mnist_small
+    python tools/make_embedded_mnist.py MNIST_DIR --out rso_ext/datasets/mnist_small
 
 (the source folder holds the four original MNIST files; the output is byte-for-byte reproducible).
 """
@@ -53,11 +54,13 @@ same licence.
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("source", nargs="?", default=str(REPO.parent / "shared" / "data" / "mnist"),
-                    help="folder with the full MNIST files (default: ../shared/data/mnist)")
+    ap.add_argument("source", nargs="?", default=os.environ.get("RSO_EXT_MNIST_ROOT"),
+                    help="folder with the full MNIST files (default: $RSO_EXT_MNIST_ROOT)")
     ap.add_argument("--out", default=str(REPO / "rso_ext" / "datasets" / "mnist_small"),
                     help="output folder (default: rso_ext/datasets/mnist_small)")
     args = ap.parse_args(argv)
+    if not args.source:
+        ap.error("name the folder with the full MNIST files (or set RSO_EXT_MNIST_ROOT)")
     src, out = Path(args.source), Path(args.out)
     raw = out / DATASETS["mnist"].folder / "raw"
     raw.mkdir(parents=True, exist_ok=True)
