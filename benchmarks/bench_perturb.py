@@ -1,6 +1,6 @@
 #!/usr/bin/env python
 """Weight proposals per second, per unit and for one whole cycle, of every candidate-evaluation
-backend on the same device, data, starting weights and random streams (DESIGN.md section 5).
+backend on the same device, data, starting weights and random streams (docs/design.md §5).
 
 Backends (all in this process):
 

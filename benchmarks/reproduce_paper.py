@@ -17,7 +17,7 @@ seconds = sum of the unit sweeps of the cycle). With N=0 (the default) the key i
 
 Output: ``benchmarks/results/reproduce_paper_<device>[_<tag>].json`` (``--tag``; ``--quick``
 defaults the tag to ``quick``), a PNG next to it when matplotlib is installed, and a final
-``RESULT key=value ...`` line (DESIGN.md section 5).
+``RESULT key=value ...`` line (docs/design.md §5).
 """
 from __future__ import annotations
 

@@ -11,7 +11,7 @@ TORCH_LIBRARY(rso_ext, m) {
   // [K, B, C] (float32/float64) and int64 target [B]; returns float64 [K].
   m.def("candidate_cross_entropy(Tensor logits, Tensor target) -> Tensor");
 
-  // The fused candidate evaluation of one unit sweep (csrc/core/fused.cpp, DESIGN.md §2).
+  // The fused candidate evaluation of one unit sweep (csrc/core/fused.cpp, docs/design.md §2).
   // x / z: the swept layer's cached input and pre-activation over the pool; param: the
   // swept tensor; target [N]; the program (op 0 = swept layer, then the rest of the net)
   // as encoded in csrc/core/program.h; unit_kind 0 weight, 1 bias, 2 BN gamma, 3 BN beta

@@ -1,4 +1,4 @@
-"""BatchNorm during search and for evaluation (DESIGN.md section 1).
+"""BatchNorm during search and for evaluation (docs/design.md §1).
 
 During the sweep of a parameter owned by module ``m``:
 

@@ -11,7 +11,7 @@ cross-entropy op. Two evaluators compute the same losses:
   as the authors do. The cache is exact because every layer before the swept one is fixed during
   the sweep, BatchNorm included (see :mod:`rso_ext.batchnorm`);
 * :class:`BatchedCandidates` (same models) stacks the K candidates into one K·B forward from that
-  cache (the "torch-batched" baseline of DESIGN.md section 5), BatchNorm statistics kept per
+  cache (the "torch-batched" baseline of docs/design.md §5), BatchNorm statistics kept per
   candidate.
 """
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""``backend="fused"``: a unit sweep run by the compiled fused evaluation (DESIGN.md §2).
+"""``backend="fused"``: a unit sweep run by the compiled fused evaluation (docs/design.md §2).
 
 Per unit sweep, the input ``X_d`` and the pre-activation ``Z_d`` of the swept layer are cached
 for the whole pool; the compiled ``fused_sweep`` op then visits the weights neuron by neuron with

@@ -1,7 +1,7 @@
 """The networks of the RSO paper and the PyTorch MNIST example net, as plain ``nn.Module``s.
 
 All conv/linear weights start from He init, N(0, sqrt(2 / fan_in)); BatchNorm starts at
-gamma = 1, beta = 0; biases (pytorch_example only) start at 0 (DESIGN.md section 1).
+gamma = 1, beta = 0; biases (pytorch_example only) start at 0 (docs/design.md §1).
 """
 from __future__ import annotations
 

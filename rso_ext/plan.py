@@ -1,5 +1,6 @@
-"""Lowering of an ``nn.Sequential`` model to the op list of the fused evaluation (DESIGN.md §4);
-other models (residual adds) are traced and lowered by :mod:`rso_ext.plan_graph`.
+"""Lowering of an ``nn.Sequential`` model to the op list of the fused evaluation
+(docs/design.md §4); other models (residual adds) are traced and lowered by
+:mod:`rso_ext.plan_graph`.
 
 Supported children: Conv2d (any kernel, stride, padding; groups=1, dilation 1, zero padding; bias
 optional), Linear (bias optional), BatchNorm1d/2d (affine), ReLU, MaxPool2d and AvgPool2d (square

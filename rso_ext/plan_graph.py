@@ -1,5 +1,5 @@
 """Lowering of a model that is not an ``nn.Sequential`` (residual networks such as
-``paper_cifar``) for the fused backend (DESIGN.md §4).
+``paper_cifar``) for the fused backend (docs/design.md §4).
 
 ``torch.fx`` traces ``forward`` (Python control flow with constant conditions, such as
 PaperCifar's loop, is unrolled) into a graph of nodes in execution order. Supported nodes: the

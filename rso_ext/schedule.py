@@ -1,4 +1,5 @@
-"""Step sizes: sigma per visited parameter and its linear annealing over cycles (DESIGN.md section 1)."""
+"""Step sizes: sigma per visited parameter and its linear annealing over cycles
+(docs/design.md §1)."""
 from __future__ import annotations
 
 import math

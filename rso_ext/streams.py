@@ -1,4 +1,4 @@
-"""The random streams of one parameter sweep, drawn up front (DESIGN.md section 3).
+"""The random streams of one parameter sweep, drawn up front (docs/design.md §3).
 
 For a sweep over a parameter with ``n`` entries the driver draws, from one CPU ``torch.Generator``
 and in this order:

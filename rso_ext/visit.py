@@ -1,4 +1,4 @@
-"""What the driver visits, and in which order (DESIGN.md section 1).
+"""What the driver visits, and in which order (docs/design.md §1).
 
 The visiting units are the parameters of conv/linear/BatchNorm modules. Modules are taken in
 **reverse execution order**, each conv/linear followed by the BatchNorm layers that run after it and

@@ -1,4 +1,4 @@
-// The fused candidate evaluation (schemas in csrc/ops.cpp; DESIGN.md section 2): the
+// The fused candidate evaluation (schemas in csrc/ops.cpp; docs/design.md §2): the
 // device-generic implementation (fused.h); the backends are in fused_cpu.cpp and fused_cuda.cpp.
 //
 // For one weight of the swept layer d, every candidate value changes channel o of the

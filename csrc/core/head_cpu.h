@@ -1,4 +1,4 @@
-// The CPU logits head of the fused evaluation (DESIGN.md section 2, item 4): programs in which
+// The CPU logits head of the fused evaluation (docs/design.md §2): programs in which
 // the swept layer reaches the logits through one number per channel and sample.
 #pragma once
 

@@ -1,4 +1,4 @@
-// CUDA kernels of the fused candidate evaluation (DESIGN.md section 2): the perturbed
+// CUDA kernels of the fused candidate evaluation (docs/design.md §2): the perturbed
 // channel of the K candidates, the Z_d update of an accepted move, the O(B) losses of the
 // logits layer and the device-side choose-and-write of a sweep step. No torch headers here:
 // see kernels.h; the glue is csrc/core/fused_cuda.cpp.
