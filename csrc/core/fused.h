@@ -1,6 +1,6 @@
-// The fused candidate evaluation, shared by the CPU (fused_cpu.cpp) and CUDA (fused_cuda.cpp)
-// kernels of rso_ext::fused_candidate_losses / fused_sweep / fused_set_weight (schemas in
-// csrc/ops.cpp; DESIGN.md section 2).
+// The fused candidate evaluation, shared by the CPU (fused_cpu.cpp) and CUDA
+// (csrc/cuda/fused_backend.cpp) kernels of rso_ext::fused_candidate_losses / fused_sweep /
+// fused_set_weight (schemas in csrc/ops.cpp; DESIGN.md section 2).
 //
 // One device-generic implementation: argument checks, the program passes (ATen, which run on
 // any device) and the sweep loop live in fused.cpp; a `Backend` supplies the few steps that
