@@ -45,8 +45,11 @@ def _want_cuda():
 
 
 def _extension():
-    cpu_sources = ["csrc/ops.cpp"] + _rel(glob.glob(os.path.join(ROOT, "csrc", "core", "*.cpp")))
-    # no-trapping-math: lets GCC vectorise the branch-free exp/log loops (fast_math_cpu.h);
+    cpu_sources = ["csrc/ops.cpp"] + _rel(
+        glob.glob(os.path.join(ROOT, "csrc", "core", "*.cpp"))
+        + glob.glob(os.path.join(ROOT, "csrc", "cpu", "*.cpp"))
+    )
+    # no-trapping-math: lets GCC vectorise the branch-free exp/log loops (csrc/cpu/fast_math.h);
     # the results are the same IEEE operations
     extra_compile_args = {"cxx": ["-O3", "-fno-trapping-math", CXX_STD, "-fopenmp"]}
     kwargs = dict(

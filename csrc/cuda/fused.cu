@@ -3,8 +3,8 @@
 // logits layer and the device-side choose-and-write of a sweep step. No torch headers here:
 // see kernels.h; the glue is fused_backend.cpp.
 //
-// The per-element formulas are the CPU backend's (csrc/core/fused.cpp), through the shared
-// helpers of csrc/common/math.h; math::add_product keeps z + d * x uncontracted so both
+// The per-element formulas are the CPU backend's (csrc/cpu/fused_backend.cpp), through the
+// shared helpers of csrc/common/math.h; math::add_product keeps z + d * x uncontracted so both
 // backends move Z_d by bitwise the same amounts.
 #include "kernels.h"
 

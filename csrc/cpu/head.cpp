@@ -1,4 +1,4 @@
-// The CPU logits head (head_cpu.h): for a swept layer whose channels reach the logits through
+// The CPU logits head (head.h): for a swept layer whose channels reach the logits through
 // one number per channel and sample -- the last linear layer, a hidden linear layer followed
 // by ReLU and the output layer, a conv layer followed by BatchNorm and global average pooling
 // and the output layer -- the K candidates of a weight cost O(B * classes) after the shared
@@ -15,11 +15,11 @@
 //
 // A conv sweep keeps m and q of every pool sample and channel next to Z_d (built once per
 // call, updated with every move); a linear weight sweep on a large pool recomputes feature o
-// per minibatch and refreshes it per neuron (as fused.cpp does for conv layers); the logits
-// layer keeps the other logits' log-sum-exp per neuron over a small pool. The loss loops
-// vectorise over samples (fast_math_cpu.h); a state with a non-finite logit takes the exact
+// per minibatch and refreshes it per neuron (as csrc/core/fused.cpp does for conv layers);
+// the logits layer keeps the other logits' log-sum-exp per neuron over a small pool. The loss
+// loops vectorise over samples (fast_math.h); a state with a non-finite logit takes the exact
 // per-sample cross-entropy of math.h.
-#include "head_cpu.h"
+#include "head.h"
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -30,10 +30,10 @@
 #include <vector>
 
 #include "../common/math.h"
-#include "cpu_clones.h"
-#include "fast_math_cpu.h"
-#include "fused_cpu.h"
-#include "program_cpu.h"
+#include "clones.h"
+#include "fast_math.h"
+#include "fused_steps.h"
+#include "program_passes.h"
 
 namespace rso {
 namespace fused {
@@ -205,7 +205,7 @@ class HeadCpu final : public Head {
   void sweep(Backend::SweepCall& call, int64_t k0, const at::Tensor& vals,
              const at::Tensor& idx) override {
     const int64_t m = vals.size(0), K = vals.size(1), B = idx.size(1);
-    // fused.cpp decides for conv layers; a linear layer's weight by the same rule (its
+    // csrc/core/fused.cpp decides for conv layers; a linear layer's weight by the same rule (its
     // column of the pool is strided through memory, feature o is cin multiply-adds)
     lazy_ = s_.lazy_z || (!s_.conv && s_.kind == UnitKind::Weight && lazy_z_pays(s_, B));
     if (s_.conv) {

@@ -4,7 +4,7 @@
 
 #include <memory>
 
-#include "fused.h"
+#include "../core/fused.h"
 
 namespace rso {
 namespace fused {
