@@ -112,7 +112,7 @@ class Backend {
 
   // The backend's shorter evaluation of the whole program of `s`, when it has one (the CPU's
   // for programs that reach the logits through one number per channel and sample,
-  // csrc/cpu/head.cpp); null otherwise, and the steps above run the generic evaluation.
+  // csrc/cpu/head_impl.h); null otherwise, and the steps above run the generic evaluation.
   virtual std::unique_ptr<Head> head(const Sweep& s) const { return nullptr; }
 };
 

@@ -1,5 +1,5 @@
 // CPU steps of the fused sweep shared by the CPU backend (fused_backend.cpp) and the CPU logits
-// head (head.cpp): the Z_d update of one move and the recomputation of one channel.
+// head (head_impl.h): the Z_d update of one move and the recomputation of one channel.
 #pragma once
 
 #include <ATen/ATen.h>
