@@ -3,8 +3,8 @@
     pip install torch==2.13.0 numpy pybind11 ninja setuptools wheel
     pip install --no-build-isolation -e ".[test]"
 
-The C++ (CPU) operators are always built. The CUDA kernels (csrc/cuda/*.cu and
-csrc/core/*_cuda.cpp, compiled with -DWITH_CUDA) are added when the installed torch
+The C++ (CPU) operators are always built. The CUDA kernels and their glue (csrc/cuda/*.cu and
+csrc/cuda/*.cpp, compiled with -DWITH_CUDA) are added when the installed torch
 was built with CUDA (torch.version.cuda is set) and a CUDA toolkit is found
 (CUDA_HOME / nvcc). The environment variable RSO_EXT_CUDA overrides the detection:
 RSO_EXT_CUDA=0 never builds them, RSO_EXT_CUDA=1 requires them (and fails if torch
@@ -46,9 +46,10 @@ def _want_cuda():
 
 def _extension():
     cpu_sources = ["csrc/ops.cpp"] + _rel(
-        p for p in glob.glob(os.path.join(ROOT, "csrc", "core", "*.cpp")) if not p.endswith("_cuda.cpp")
+        glob.glob(os.path.join(ROOT, "csrc", "core", "*.cpp"))
+        + glob.glob(os.path.join(ROOT, "csrc", "cpu", "*.cpp"))
     )
-    # no-trapping-math: lets GCC vectorise the branch-free exp/log loops (fast_math_cpu.h);
+    # no-trapping-math: lets GCC vectorise the branch-free exp/log loops (csrc/cpu/fast_math.h);
     # the results are the same IEEE operations
     extra_compile_args = {"cxx": ["-O3", "-fno-trapping-math", CXX_STD, "-fopenmp"]}
     kwargs = dict(
@@ -57,8 +58,10 @@ def _extension():
         extra_link_args=["-fopenmp"],
     )
     if _want_cuda():
+        # kernels and glue share csrc/cuda/: their file names must differ in more than the
+        # suffix (the build names objects after the source without it)
         cuda_sources = _rel(glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cu"))) + _rel(
-            glob.glob(os.path.join(ROOT, "csrc", "core", "*_cuda.cpp"))
+            glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cpp"))
         )
         extra_compile_args["nvcc"] = ["-O3", CXX_STD]
         return CUDAExtension(

@@ -1,6 +1,7 @@
 // The rso_ext operator library: schemas (defined once, here) and the Python module
 // `rso_ext._C`. Importing the module loads this shared object, whose static
-// initialisers register the schemas below and the CPU/CUDA kernels in csrc/core/.
+// initialisers register the schemas below and the kernels in csrc/core/ (any device),
+// csrc/cpu/ and csrc/cuda/.
 #include <Python.h>
 #include <torch/library.h>
 

@@ -1,9 +1,9 @@
 """Python entry points of the compiled operators in ``rso_ext._C``.
 
 The kernels are registered with the PyTorch dispatcher as ``torch.ops.rso_ext.*``
-(schemas in ``csrc/ops.cpp``, CPU kernels in ``csrc/core``, CUDA kernels in
-``csrc/cuda``); the functions here are thin, documented wrappers around them, plus
-pure-PyTorch references used by the tests.
+(schemas in ``csrc/ops.cpp``, device-free code in ``csrc/core``, CPU kernels in
+``csrc/cpu``, CUDA kernels in ``csrc/cuda``); the functions here are thin, documented
+wrappers around them, plus pure-PyTorch references used by the tests.
 """
 
 from __future__ import annotations

@@ -166,7 +166,7 @@ def test_logits_head_chains_match_the_reference(dtype):
 
 
 def test_hand_written_cpu_passes_match_the_reference():
-    """The CPU passes of csrc/core/program_cpu.cpp on the shapes the random matrix misses:
+    """The CPU passes of csrc/cpu/program_passes.cpp on the shapes the random matrix misses:
     padded 3x3 max/avg pooling, the register-blocked single-channel correction (8 output
     channels, 3x3 and 5x5 taps, stride 1) and its fallback (stride 2)."""
     g = torch.Generator().manual_seed(7)
@@ -186,7 +186,7 @@ def test_hand_written_cpu_passes_match_the_reference():
 
 @pytest.mark.parametrize("name", ["conv1.weight", "conv2.weight", "bn2.weight"])
 def test_fixed_batchnorm_uses_running_statistics(name):
-    # conv1: the generic evaluation; conv2 and bn2: the logits head (csrc/core/head_cpu.cpp)
+    # conv1: the generic evaluation; conv2 and bn2: the logits head (csrc/cpu/head_*.cpp)
     net = tiny_net(seed=2)
     x, y = toy_data(40)
     calibrate(net, x)
@@ -509,7 +509,7 @@ def test_program_forward_equals_the_modules(seed):
 
 def test_logits_layer_sweep_with_the_pool_log_sum_exp_matches_per_weight_losses():
     # a pool (40) smaller than a neuron's minibatches (4 weights x 16): the sweep keeps the
-    # other logits' log-sum-exp over the pool per neuron (head_cpu.cpp, pool_rest_losses);
+    # other logits' log-sum-exp over the pool per neuron (head_evaluate.cpp, pool_rest_losses);
     # replayed weight by weight, the per-minibatch evaluation gives the same losses (up to
     # the rounding of z: the sweep recomputes feature o per minibatch, the replay updates it)
     net = tiny_net(seed=3, bias=True)

@@ -2,7 +2,7 @@
 # Proves that csrc/cuda/*.cu compile with nvcc for sm_80 and sm_90, on a machine with
 # no GPU and no CUDA build of torch: configures CMakeLists.txt with
 # RSO_EXT_CUDA_KERNELS_ONLY=ON in a throw-away build directory and builds it. Then checks
-# the syntax of the CUDA glue (csrc/core/*_cuda.cpp) with the host compiler against the
+# the syntax of the CUDA glue (csrc/cuda/*.cpp) with the host compiler against the
 # installed torch's headers, the CUDA runtime headers, and empty stand-ins for the library
 # headers a CPU machine lacks (cuBLAS, cuSPARSE, cuSOLVER): the glue's own code must parse
 # and type-check; nothing is linked.
@@ -62,7 +62,7 @@ for h in cublas_v2.h cublasLt.h cusparse.h cusolverDn.h cusolver_common.h; do
   fi
 done
 torch_includes="$(python -c "import torch.utils.cpp_extension as c; print(' '.join('-I' + p for p in c.include_paths()))")"
-glue="$(cd "${repo_root}" && ls csrc/core/*_cuda.cpp)"
+glue="$(cd "${repo_root}" && ls csrc/cuda/*.cpp)"
 for f in ${glue}; do
   # shellcheck disable=SC2086
   if ! "${CXX:-g++}" -std=c++20 -fsyntax-only -DWITH_CUDA ${torch_includes} \

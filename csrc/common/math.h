@@ -1,4 +1,4 @@
-// Numerical helpers shared by the CPU (csrc/core) and CUDA (csrc/cuda) paths.
+// Numerical helpers shared by the CPU (csrc/core, csrc/cpu) and CUDA (csrc/cuda) paths.
 //
 // Everything here is header-only, free of torch headers and marked RSO_HD so that
 // nvcc compiles it for the device and the host compiler for the CPU. Both backends
@@ -124,7 +124,7 @@ RSO_HD inline int64_t choose_candidate(const double* loss, int64_t n) {
 }  // namespace math
 }  // namespace rso
 
-// -- the fused candidate evaluation (csrc/core/fused.cpp, csrc/cuda/fused.cu) -----------------
+// -- the fused candidate evaluation (csrc/cpu/fused_backend.cpp, csrc/cuda/fused.cu) ----------
 namespace rso {
 namespace math {
 

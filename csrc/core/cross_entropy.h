@@ -1,5 +1,5 @@
-// Argument checks for rso_ext::candidate_cross_entropy shared by the CPU
-// (cross_entropy.cpp) and CUDA (cross_entropy_cuda.cpp) kernels.
+// Argument checks for rso_ext::candidate_cross_entropy (cross_entropy.cpp) shared by the CPU
+// (csrc/cpu/cross_entropy.cpp) and CUDA (csrc/cuda/cross_entropy_op.cpp) kernels.
 #pragma once
 
 #include <ATen/core/Tensor.h>

@@ -1,5 +1,6 @@
 // The fused candidate evaluation (schemas in csrc/ops.cpp; docs/design.md §2): the
-// device-generic implementation (fused.h); the backends are in fused_cpu.cpp and fused_cuda.cpp.
+// device-generic implementation (fused.h); the backends are in csrc/cpu/fused_backend.cpp and
+// csrc/cuda/fused_backend.cpp.
 //
 // For one weight of the swept layer d, every candidate value changes channel o of the
 // layer's pre-activation only: Z_d[I, o] + (v_k - w) * shift(X_d[I, c]). The channel-local
@@ -15,8 +16,8 @@
 // for each minibatch and refreshed over the pool when neuron o (or the call) ends.
 //
 // The program passes (program.cpp) run on the caches' device: ATen calls, hand-written loops
-// on the CPU (program_cpu.cpp); the per-weight steps are the Backend's (fused_cpu.cpp;
-// fused_cuda.cpp + csrc/cuda/fused.cu).
+// on the CPU (csrc/cpu/program_passes.cpp); the per-weight steps are the Backend's
+// (csrc/cpu/fused_backend.cpp; csrc/cuda/fused_backend.cpp + csrc/cuda/fused.cu).
 #include "fused.h"
 
 #include <ATen/ATen.h>

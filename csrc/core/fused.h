@@ -1,6 +1,6 @@
-// The fused candidate evaluation, shared by the CPU (fused_cpu.cpp) and CUDA (fused_cuda.cpp)
-// kernels of rso_ext::fused_candidate_losses / fused_sweep / fused_set_weight (schemas in
-// csrc/ops.cpp; docs/design.md §2).
+// The fused candidate evaluation, shared by the CPU (csrc/cpu/fused_backend.cpp) and CUDA
+// (csrc/cuda/fused_backend.cpp) kernels of rso_ext::fused_candidate_losses / fused_sweep /
+// fused_set_weight (schemas in csrc/ops.cpp; docs/design.md §2).
 //
 // One device-generic implementation: argument checks, the program passes (ATen, which run on
 // any device) and the sweep loop live in fused.cpp; a `Backend` supplies the few steps that
@@ -112,7 +112,7 @@ class Backend {
 
   // The backend's shorter evaluation of the whole program of `s`, when it has one (the CPU's
   // for programs that reach the logits through one number per channel and sample,
-  // head_cpu.cpp); null otherwise, and the steps above run the generic evaluation.
+  // csrc/cpu/head_impl.h); null otherwise, and the steps above run the generic evaluation.
   virtual std::unique_ptr<Head> head(const Sweep& s) const { return nullptr; }
 };
 

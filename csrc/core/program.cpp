@@ -8,7 +8,7 @@
 #include <string>
 #include <vector>
 
-#include "program_cpu.h"
+#include "../cpu/program_passes.h"
 
 namespace rso {
 

@@ -1,10 +1,10 @@
 // CUDA kernels of the fused candidate evaluation (docs/design.md §2): the perturbed
 // channel of the K candidates, the Z_d update of an accepted move, the O(B) losses of the
 // logits layer and the device-side choose-and-write of a sweep step. No torch headers here:
-// see kernels.h; the glue is csrc/core/fused_cuda.cpp.
+// see kernels.h; the glue is fused_backend.cpp.
 //
-// The per-element formulas are the CPU backend's (csrc/core/fused.cpp), through the shared
-// helpers of csrc/common/math.h; math::add_product keeps z + d * x uncontracted so both
+// The per-element formulas are the CPU backend's (csrc/cpu/fused_backend.cpp), through the
+// shared helpers of csrc/common/math.h; math::add_product keeps z + d * x uncontracted so both
 // backends move Z_d by bitwise the same amounts.
 #include "kernels.h"
 

@@ -1,6 +1,6 @@
 // Raw-pointer CUDA launchers. This header is deliberately free of torch headers so
 // that csrc/cuda/*.cu compile with plain nvcc on any machine (see
-// tools/check_cuda_compile.sh); the torch glue lives in csrc/core/*_cuda.cpp.
+// tools/check_cuda_compile.sh); the torch glue is csrc/cuda/*.cpp.
 //
 // Every launcher enqueues work on `stream` and returns without synchronising. A
 // failed launch throws std::runtime_error naming the kernel and the CUDA error.
@@ -30,7 +30,7 @@ void launch_candidate_cross_entropy_f64(const double* logits, const int64_t* tar
 void launch_find_first_invalid_target(const int64_t* target, int B, int C,
                                       int* first_invalid, cudaStream_t stream);
 
-// -- the fused candidate evaluation (csrc/cuda/fused.cu; glue in csrc/core/fused_cuda.cpp) -----
+// -- the fused candidate evaluation (fused.cu; glue in fused_backend.cpp) ---------------------
 //
 // The swept layer's caches: x [N, cin, h, w] (Linear: [N, cin], h = w = 1) and its
 // pre-activation z [N, cout, ho, wo] (Linear: [N, cout]), both contiguous; the moved entry

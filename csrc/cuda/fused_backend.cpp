@@ -1,13 +1,13 @@
 // CUDA backend of the fused candidate evaluation and its operator registration. Only
 // compiled when the extension is built WITH_CUDA (setup.py / CMakeLists.txt); the kernels
-// are in csrc/cuda/fused.cu, the device-generic implementation in fused.cpp (fused.h).
+// are in fused.cu, the device-generic implementation in csrc/core/fused.cpp (fused.h).
 //
 // No host synchronisation per weight: the entry's value, the losses, the decision, the
 // weight write and the Z_d update stay on the device, in the order of the current stream.
 // The only read-back of a call is check_batches (the indices and their labels, validated
 // once for the whole call); a non-finite loss of the current weights sets a device flag
 // that turns the remaining steps of the call into no-ops (chosen -1 then -2, as on CPU).
-#include "fused.h"
+#include "../core/fused.h"
 
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
@@ -17,8 +17,8 @@
 #include <limits>
 #include <vector>
 
-#include "../cuda/kernels.h"
-#include "cross_entropy.h"
+#include "../core/cross_entropy.h"
+#include "kernels.h"
 
 namespace rso {
 namespace fused {

@@ -1,8 +1,8 @@
 // CPU backend of the fused candidate evaluation and its operator registration; the
-// device-generic implementation is in fused.cpp (fused.h), the CUDA backend in
-// fused_cuda.cpp. Every step is a hand loop over raw pointers on the caches, parallel over
-// samples (at::parallel_for).
-#include "fused.h"
+// device-generic implementation is in csrc/core/fused.cpp (fused.h), the CUDA backend in
+// csrc/cuda/fused_backend.cpp. Every step is a hand loop over raw pointers on the caches,
+// parallel over samples (at::parallel_for).
+#include "../core/fused.h"
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -13,9 +13,9 @@
 #include <vector>
 
 #include "../common/math.h"
-#include "fused_cpu.h"
-#include "head_cpu.h"
-#include "program_cpu.h"
+#include "fused_steps.h"
+#include "head.h"
+#include "program_passes.h"
 
 namespace rso {
 namespace fused {

@@ -1,10 +1,10 @@
-// Hand-written CPU passes for the channel-local ops of a lowered program (program.h):
+// Hand-written CPU passes for the channel-local ops of a lowered program (csrc/core/program.h):
 // BatchNorm with per-group batch statistics (or fixed statistics), ReLU, average / max
 // pooling and global average pooling, on contiguous float32/float64 CPU tensors.
 //
-// They compute what the ATen calls in program.cpp compute (ATen's window and divisor rules
-// for pooling, biased variance for BatchNorm, statistics accumulated in float64) in one or
-// two passes over memory, parallel over planes, with an AVX2 clone of every inner loop. The
+// They compute what the ATen calls in csrc/core/program.cpp compute (ATen's window and divisor
+// rules for pooling, biased variance for BatchNorm, statistics accumulated in float64) in one
+// or two passes over memory, parallel over planes, with an AVX2 clone of every inner loop. The
 // fused evaluation runs these ops on K*B-sample batches once per weight, where ATen's
 // generic kernels cost as much as the convolutions.
 #pragma once

@@ -1,13 +1,13 @@
-// CPU steps of the fused sweep shared by the CPU backend (fused_cpu.cpp) and the CPU logits
-// head (head_cpu.cpp): the Z_d update of one move and the recomputation of one channel.
+// CPU steps of the fused sweep shared by the CPU backend (fused_backend.cpp) and the CPU logits
+// head (head_impl.h): the Z_d update of one move and the recomputation of one channel.
 #pragma once
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 
 #include "../common/math.h"
-#include "fused.h"
-#include "program_cpu.h"
+#include "../core/fused.h"
+#include "program_passes.h"
 
 namespace rso {
 namespace fused {

@@ -1,5 +1,5 @@
-// Hand-written CPU passes of the channel-local program ops (program_cpu.h).
-#include "program_cpu.h"
+// Hand-written CPU passes of the channel-local program ops (program_passes.h).
+#include "program_passes.h"
 
 #include <ATen/Parallel.h>
 
@@ -8,8 +8,8 @@
 #include <limits>
 #include <vector>
 
-#include "cpu_clones.h"
-#include "program.h"
+#include "../core/program.h"
+#include "clones.h"
 
 
 namespace rso {

@@ -1,7 +1,7 @@
 // CUDA kernel registration of rso_ext::candidate_cross_entropy. Only compiled when
 // the extension is built WITH_CUDA (setup.py / CMakeLists.txt); the kernels
-// themselves are in csrc/cuda/cross_entropy.cu.
-#include "cross_entropy.h"
+// themselves are in cross_entropy.cu.
+#include "../core/cross_entropy.h"
 
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
@@ -10,7 +10,7 @@
 
 #include <limits>
 
-#include "../cuda/kernels.h"
+#include "kernels.h"
 
 namespace rso {
 namespace {
