@@ -229,7 +229,7 @@ def fused_sweep_estimate(trace: Sequence[ModuleFootprint], owner_module: nn.Modu
     that owns the unit) is ``owner_module``: its input ``X_d`` and pre-activation ``Z_d`` cached
     for the whole pool (each counted twice: chunks and their concatenation coexist while they are
     built), and per minibatch the gathered rows plus the dense suffix run on all ``candidates``
-    at once. A residual network's sweep (rso_ext.plan_graph) also caches its side inputs,
+    at once. A residual network's sweep (rso_ext.fused.lower_graph) also caches its side inputs,
     ``side_bytes`` per sample (counted as X_d is), and keeps values of ``saved_bytes`` per
     sample for later adds while a minibatch is evaluated (counted for every candidate). A first
     figure for :class:`rso_ext.fused.FusedSweeper` until it states its own through

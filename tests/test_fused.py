@@ -10,8 +10,7 @@ from torch import nn
 from rso_ext import RSO, models
 from rso_ext.batchnorm import calibrate, search_mode
 from rso_ext.evaluate import FullForward
-from rso_ext.fused import CacheStore as FusedStore, FusedSweeper
-from rso_ext.plan import PlanError, lower
+from rso_ext.fused import CacheStore as FusedStore, FusedSweeper, PlanError, lower
 from rso_ext.streams import SweepStreams
 from rso_ext.sweep import NonFiniteLossError, candidate_values
 from rso_ext.visit import execution_order, visit_units

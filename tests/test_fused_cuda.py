@@ -18,8 +18,7 @@ import torch
 from rso_ext import RSO, models, ops
 from rso_ext.batchnorm import calibrate, search_mode
 from rso_ext.evaluate import FullForward
-from rso_ext.fused import FusedSweeper
-from rso_ext.plan import lower
+from rso_ext.fused import FusedSweeper, lower
 from rso_ext.streams import SweepStreams
 from rso_ext.sweep import NonFiniteLossError
 from rso_ext.visit import execution_order, visit_units
@@ -124,7 +123,7 @@ def test_seeded_runs_make_the_same_decisions_as_on_cpu(sampler):
     torch.testing.assert_close(torch.tensor(loss_b), torch.tensor(loss_a), rtol=1e-6, atol=0)
 
 
-# -- residual networks (rso_ext/plan_graph.py, csrc/core/fused_dag.cpp: ATen on any device) ----
+# -- residual networks (rso_ext/fused/lower_graph.py, csrc/core/fused_dag.cpp: ATen on any device)
 def test_paper_cifar_matches_cpu_and_reference():
     torch.manual_seed(0)
     net = models.paper_cifar(torch.Generator().manual_seed(1))

@@ -1,4 +1,4 @@
-"""The fused backend on models that are not an nn.Sequential (rso_ext/plan_graph.py,
+"""The fused backend on models that are not an nn.Sequential (rso_ext/fused/lower_graph.py,
 csrc/core/fused_dag.cpp): paper_cifar and random residual nets against the pure-PyTorch
 reference, seeded sweeps against backend="torch", and the planner's refusals."""
 from __future__ import annotations
@@ -9,8 +9,8 @@ from torch import nn
 
 from rso_ext import RSO, memory, models
 from rso_ext.batchnorm import calibrate, search_mode
-from rso_ext.fused import CacheStore, FusedSweeper
-from rso_ext.plan import ADD, INPUT, SAVE, PlanError, lower
+from rso_ext.fused import CacheStore, FusedSweeper, PlanError, lower
+from rso_ext.fused.program import ADD, INPUT, SAVE
 from rso_ext.streams import SweepStreams
 from rso_ext.visit import execution_order, visit_units
 

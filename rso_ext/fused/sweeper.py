@@ -8,14 +8,15 @@ the decisions are those of ``backend="torch"`` wherever the loss margins exceed 
 """
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import Callable, Optional, Union
 
 import torch
 
-from .plan import Plan
-from .streams import SweepStreams
-from .sweep import candidate_values, non_finite
-from .visit import Unit
+from ..streams import SweepStreams
+from ..sweep import candidate_values, non_finite
+from ..visit import Unit
+from .lower_graph import GraphPlan
+from .lower_sequential import Plan
 
 _OPS = None
 
@@ -23,7 +24,7 @@ _OPS = None
 def _ops():
     global _OPS
     if _OPS is None:
-        from . import ops  # noqa: F401  (loads rso_ext._C, which registers the ops)
+        from .. import ops  # noqa: F401  (loads rso_ext._C, which registers the ops)
         _OPS = torch.ops.rso_ext
     return _OPS
 
@@ -69,7 +70,7 @@ class FusedSweeper:
     #: weights handed to one call of the compiled sweep (bounds the minibatch index matrix)
     max_chunk = 4096
 
-    def __init__(self, plan: Plan, unit: Unit, chunk: int = 1000,
+    def __init__(self, plan: Union[Plan, GraphPlan], unit: Unit, chunk: int = 1000,
                  store: Optional[CacheStore] = None) -> None:
         self.plan, self.unit, self.chunk, self.store = plan, unit, chunk, store
         self.x = self.z = self.y = None
@@ -104,9 +105,10 @@ class FusedSweeper:
         self.y = y
 
     def _begin_graph(self, x: torch.Tensor, y: torch.Tensor) -> None:
-        """:meth:`begin` for a traced graph (rso_ext.plan_graph): ``X_d``, ``Z_d`` and the side
-        inputs of the program (values over the pool that do not depend on the swept layer),
-        reused from the store while the pool and every module they depend on are unchanged."""
+        """:meth:`begin` for a traced graph (:mod:`rso_ext.fused.lower_graph`): ``X_d``, ``Z_d``
+        and the side inputs of the program (values over the pool that do not depend on the swept
+        layer), reused from the store while the pool and every module they depend on are
+        unchanged."""
         prog = self.plan.program(self.unit)
         start, x_node, sides = prog.pop("start"), prog.pop("x_node"), prog.pop("sides")
         wanted = sorted({x_node, *(n for _, n in sides)})
