@@ -11,6 +11,7 @@ from rso_ext import RSO, memory, models
 from rso_ext.batchnorm import calibrate, search_mode
 from rso_ext.fused import CacheStore, FusedSweeper, PlanError, lower
 from rso_ext.fused.program import ADD, INPUT, SAVE
+from rso_ext.fused.sweeper import fused_sweep_estimate
 from rso_ext.streams import SweepStreams
 from rso_ext.visit import execution_order, visit_units
 
@@ -312,7 +313,7 @@ def test_auto_lowers_paper_cifar_and_the_memory_check_counts_side_inputs():
     sw = rso.sweeper(unit)
     trace = memory.trace_footprint(rso.model, x[:2])
     total, detail = memory.sweep_estimate(rso.model, unit.module, sw, 1000, 8, trace=trace)
-    plain, _ = memory.fused_sweep_estimate(trace, unit.module, 1000, 8)
+    plain, _ = fused_sweep_estimate(trace, unit.module, 1000, 8)
     side, saved = rso.plan.side_widths(unit)
     assert side == 16 * 32 * 32 and saved > 0           # h0 (bns.0's output)
     assert total >= plain + 2 * 1000 * 4 * side and "side inputs" in detail

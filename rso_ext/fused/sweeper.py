@@ -8,10 +8,12 @@ the decisions are those of ``backend="torch"`` wherever the loss margins exceed 
 """
 from __future__ import annotations
 
-from typing import Callable, Optional, Union
+from typing import Callable, Optional, Sequence, Union
 
 import torch
+from torch import nn
 
+from ..memory import ModuleFootprint, estimate_sweep_bytes, format_bytes
 from ..streams import SweepStreams
 from ..sweep import candidate_values, non_finite
 from ..visit import Unit
@@ -27,6 +29,29 @@ def _ops():
         from .. import ops  # noqa: F401  (loads rso_ext._C, which registers the ops)
         _OPS = torch.ops.rso_ext
     return _OPS
+
+
+def fused_sweep_estimate(trace: Sequence[ModuleFootprint], owner_module: nn.Module,
+                         pool_size: int, batch_size: int, candidates: int = 3,
+                         side_bytes: int = 0, saved_bytes: int = 0) -> tuple[int, str]:
+    """(bytes, description) of a ``backend="fused"`` sweep whose swept layer (the conv/linear
+    that owns the unit) is ``owner_module``: its input ``X_d`` and pre-activation ``Z_d`` cached
+    for the whole pool (each counted twice: chunks and their concatenation coexist while they are
+    built), and per minibatch the gathered rows plus the dense suffix run on all ``candidates``
+    at once. A residual network's sweep (:mod:`.lower_graph`) also caches its side inputs,
+    ``side_bytes`` per sample (counted as X_d is), and keeps values of ``saved_bytes`` per
+    sample for later adds while a minibatch is evaluated (counted for every candidate); the
+    figure of :meth:`FusedSweeper.memory_estimate`."""
+    start = next((i for i, f in enumerate(trace) if f.module is owner_module), 0)
+    suffix = list(trace[start:]) or list(trace)
+    x_d, z_d = suffix[0].in_bytes, suffix[0].out_bytes
+    peak = max((f.in_bytes + f.out_bytes for f in suffix), default=0)
+    cache = 2 * (x_d + z_d + side_bytes)
+    per_batch = x_d + z_d + side_bytes + candidates * (peak + saved_bytes)
+    total = estimate_sweep_bytes(pool_size, batch_size, cache, per_batch)
+    cached = "cached X_d, Z_d" + (" and side inputs" if side_bytes else "")
+    return total, (f"{cached} {format_bytes(pool_size * cache)} for {pool_size} samples + "
+                   f"activations {format_bytes(batch_size * per_batch)} for batch {batch_size}")
 
 
 def _snapshot(modules) -> list[torch.Tensor]:
@@ -220,6 +245,19 @@ class FusedSweeper:
         if graph is not None:   # the side inputs (X_d is one of the values)
             held = [self.z, *graph["values"].values()]
         return sum(t.numel() * t.element_size() for t in held if t is not None)
+
+    def memory_estimate(self, model: nn.Module, unit_module: nn.Module, pool_size: int,
+                        batch_size: int, trace: Sequence[ModuleFootprint]) -> tuple[int, str]:
+        """(bytes, description) of this sweep on ``pool_size`` samples (:func:`fused_sweep_estimate`
+        for the layer that owns the unit; a traced graph's also counts its side inputs and the
+        values its program keeps in slots)."""
+        owner = self.plan.steps[self.plan.owner(self.unit)].module
+        if not self.plan.dag:
+            return fused_sweep_estimate(trace, owner, pool_size, batch_size)
+        size = next(owner.parameters()).element_size()
+        side, saved = self.plan.side_widths(self.unit)
+        return fused_sweep_estimate(trace, owner, pool_size, batch_size,
+                                    side_bytes=side * size, saved_bytes=saved * size)
 
     # -- the sweep ----------------------------------------------------------------------------
     @torch.no_grad()
