@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from rso_ext import ops
+from rso_ext import _C, ops
 
 SHAPES = [(1, 1, 2), (3, 7, 2), (4, 33, 10), (2, 257, 100), (5, 1000, 3), (2, 3, 1000)]
 
@@ -140,6 +140,16 @@ def test_bad_arguments_raise(logits, target, match):
 
 def test_cuda_built_is_bool():
     assert isinstance(ops.cuda_built(), bool)
+
+
+# --- the op library: kinds ----------------------------------------------------------
+
+
+def test_op_kinds_are_the_cpp_enum():
+    # rso_ext._C.op_kinds(): the enumerators of rso::OpKind (csrc/core/program.h)
+    assert _C.op_kinds() == ops.OP_KINDS
+    assert [ops.CONV, ops.LINEAR, ops.BN, ops.RELU, ops.AVGPOOL, ops.MAXPOOL, ops.GAP,
+            ops.FLATTEN, ops.SAVE, ops.LOAD, ops.INPUT, ops.ADD] == list(range(12))
 
 
 # --- CUDA ----------------------------------------------------------------------------

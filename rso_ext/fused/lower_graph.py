@@ -33,10 +33,9 @@ import torch.fx
 import torch.nn.functional as F
 from torch import nn
 
-from ..visit import MIXING, Unit
-from .program import (ADD, BN, CONV, FLATTEN, GAP, INPUT, LINEAR, LOAD, RELU, SAVE, UNIT_BETA,
-                      UNIT_BIAS, UNIT_GAMMA, UNIT_WEIGHT, PlanError, Step, lower_module,
-                      owning_layer)
+from ..ops import ADD, BN, CONV, FLATTEN, GAP, INPUT, LINEAR, LOAD, RELU, SAVE, Program
+from ..visit import Unit
+from .program import PlanError, Step, UnitProgram, lower_module, owning_layer, unit_kind
 
 #: index of the model's input among node indices
 INPUT_NODE = -1
@@ -366,14 +365,14 @@ class GraphPlan:
                             "statistics during its sweep; the fused backend caches it")
         return _Analysis(d, unit_node, [d] + sorted(run), x_node, sorted(cached), batch)
 
-    def program(self, unit: Unit) -> dict:
-        """Arguments of the fused ops for sweeping ``unit`` (live views of the parameters),
-        plus ``start`` (the layer's node), ``x_node`` (the node whose value is ``X_d``) and
-        ``sides`` ((op index, node) pairs: op_tensors[4 * op] must be set to that node's value
-        over the pool before the program runs)."""
+    def program(self, unit: Unit) -> UnitProgram:
+        """The program of the fused ops for sweeping ``unit`` (live views of the parameters),
+        with ``start`` (the layer's node), ``x_node`` (the node whose value is ``X_d``) and
+        ``sides`` ((op index, node) pairs: ``program.tensors[4 * op]`` must be set to that
+        node's value over the pool before the program runs, :meth:`UnitProgram.with_sides`)."""
         return self._emit(unit)[0]
 
-    def _emit(self, unit: Unit) -> tuple[dict, list[int]]:
+    def _emit(self, unit: Unit) -> tuple[UnitProgram, list[int]]:
         """The program of :meth:`program` and the nodes it keeps in slots."""
         an = self._analyse(unit)
         steps, order = self.steps, an.order
@@ -433,13 +432,8 @@ class GraphPlan:
                 emit(SAVE, (slot[n], 0, 0, 0))
         if last != self.output:
             make_current(self.output)
-        if isinstance(unit.module, MIXING):
-            unit_kind = UNIT_WEIGHT if unit.param_name == "weight" else UNIT_BIAS
-        else:
-            unit_kind = UNIT_GAMMA if unit.param_name == "weight" else UNIT_BETA
-        prog = dict(start=an.d, x_node=an.x_node, sides=sides, op_kinds=kinds,
-                    op_params=params, op_eps=eps, op_tensors=tensors, unit_kind=unit_kind,
-                    unit_op=unit_op)
+        prog = UnitProgram(Program(kinds, params, eps, tensors), unit_kind(unit), unit_op,
+                           start=an.d, x_node=an.x_node, sides=tuple(sides))
         return prog, list(slot)
 
     def side_widths(self, unit: Unit) -> tuple[int, int]:

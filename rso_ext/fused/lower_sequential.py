@@ -12,9 +12,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..ops import BN, CONV, FLATTEN, LINEAR, Program
 from ..visit import MIXING, Unit
-from .program import (BN, CONV, FLATTEN, LINEAR, UNIT_BETA, UNIT_BIAS, UNIT_GAMMA, UNIT_WEIGHT,
-                      PlanError, lower_module, owning_layer)
+from .program import PlanError, UnitProgram, lower_module, owning_layer, unit_kind
 
 
 class Plan:
@@ -85,9 +85,10 @@ class Plan:
                 chosen = trial
         return chosen
 
-    def forward_program(self, begin: int, stop: int) -> dict:
-        """Arguments of ``rso_ext::program_forward`` for children ``begin .. stop-1`` as they
-        are now: a BatchNorm in eval mode with running statistics uses them, else batch ones."""
+    def forward_program(self, begin: int, stop: int) -> Program:
+        """The program of :func:`rso_ext.ops.program_forward` for children ``begin .. stop-1``
+        as they are now: a BatchNorm in eval mode with running statistics uses them, else
+        batch ones."""
         kinds, params, eps, tensors = [], [], [], []
         for s in self.steps[begin:stop]:
             if s.kind is None:
@@ -100,10 +101,11 @@ class Plan:
             params += p
             eps.append(s.eps)
             tensors += s.tensors()
-        return dict(op_kinds=kinds, op_params=params, op_eps=eps, op_tensors=tensors)
+        return Program(kinds, params, eps, tensors)
 
-    def program(self, unit: Unit) -> dict:
-        """Arguments of the fused ops for sweeping ``unit`` (live views of the parameters)."""
+    def program(self, unit: Unit) -> UnitProgram:
+        """The program of the fused ops for sweeping ``unit`` (live views of the
+        parameters)."""
         start = self.owner(unit)
         steps = [s for s in self.steps[start:] if s.kind is not None]
         kinds, params, eps, tensors = [], [], [], []
@@ -113,10 +115,8 @@ class Plan:
             eps.append(s.eps)
             tensors += s.tensors()
         if isinstance(unit.module, MIXING):
-            unit_kind = UNIT_WEIGHT if unit.param_name == "weight" else UNIT_BIAS
             unit_op = 0
         else:
-            unit_kind = UNIT_GAMMA if unit.param_name == "weight" else UNIT_BETA
             unit_op = next(i for i, s in enumerate(steps) if s.module is unit.module)
             if any(s.kind in (CONV, LINEAR) for s in steps[1:unit_op]):
                 raise PlanError(f"BatchNorm {unit.name!r} is not in the channel-local chain of "
@@ -126,6 +126,5 @@ class Plan:
             for i, s in enumerate(steps[1:unit_op], start=1):
                 if s.kind == BN:
                     params[4 * i] = 0
-        return dict(start=start, op_kinds=kinds, op_params=params, op_eps=eps,
-                    op_tensors=tensors, unit_kind=unit_kind, unit_op=unit_op)
+        return UnitProgram(Program(kinds, params, eps, tensors), unit_kind(unit), unit_op, start)
 

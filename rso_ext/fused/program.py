@@ -1,23 +1,25 @@
-"""The fused program as the lowerings emit it (csrc/core/program.h): the op kinds and unit kinds
-of its encoding, the lowering of one module to one op (:class:`Step`), and :class:`PlanError`.
+"""The fused program as the lowerings emit it: the lowering of one module to one op
+(:class:`Step`), the program of one unit's sweep (:class:`UnitProgram`) and :class:`PlanError`.
 
+The encoding itself -- op kinds, unit kinds and :class:`rso_ext.ops.Program` -- is the compiled
+operators' (csrc/core/program.h) and lives with their wrappers in :mod:`rso_ext.ops`.
 :mod:`rso_ext.fused.lower_sequential` lowers an ``nn.Sequential`` child by child and
 :mod:`rso_ext.fused.lower_graph` any other model through its ``torch.fx`` trace; both lower each
 module with :func:`lower_module`, which refuses what the fused op set cannot run.
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import List, Optional
 
 import torch
 from torch import nn
 
-from ..visit import NORM, Unit
+from ..ops import (AVGPOOL, BN, CONV, FLATTEN, GAP, LINEAR, MAXPOOL, RELU, UNIT_BETA, UNIT_BIAS,
+                   UNIT_GAMMA, UNIT_WEIGHT, Program)
+from ..visit import MIXING, NORM, Unit
 
-CONV, LINEAR, BN, RELU, AVGPOOL, MAXPOOL, GAP, FLATTEN = range(8)
-SAVE, LOAD, INPUT, ADD = range(8, 12)      # residual networks (lower_graph.py)
-UNIT_WEIGHT, UNIT_BIAS, UNIT_GAMMA, UNIT_BETA = range(4)
 IDENTITY = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.AlphaDropout, nn.Identity)
 
 
@@ -118,3 +120,37 @@ def owning_layer(steps: list, idx: int, unit: Unit) -> int:
     if owner is None:
         raise PlanError(f"BatchNorm {unit.name!r} runs before any conv/linear layer")
     return owner
+
+
+def unit_kind(unit: Unit) -> int:
+    """The ``unit_kind`` of the fused operators for ``unit``: weight or bias of a conv/linear
+    layer, gamma or beta of a BatchNorm."""
+    if isinstance(unit.module, MIXING):
+        return UNIT_WEIGHT if unit.param_name == "weight" else UNIT_BIAS
+    return UNIT_GAMMA if unit.param_name == "weight" else UNIT_BETA
+
+
+@dataclass(frozen=True, eq=False)
+class UnitProgram:
+    """What the fused operators need to sweep one unit: ``program`` (op 0 the swept layer, the
+    model's ``start``-th step, then the rest of the network up to the logits) and the swept
+    parameter, ``unit_kind`` of op ``unit_op``.
+
+    A traced graph's program (:mod:`rso_ext.fused.lower_graph`) also names ``x_node``, the node
+    whose value over the pool is the layer's input ``X_d``, and ``sides``: (op, node) pairs,
+    where ``program.tensors[4 * op]`` must be set to that node's value over the pool
+    (:meth:`with_sides`) before the program runs."""
+
+    program: Program
+    unit_kind: int
+    unit_op: int
+    start: int
+    x_node: Optional[int] = None
+    sides: tuple[tuple[int, int], ...] = ()
+
+    def with_sides(self, values: dict[int, torch.Tensor]) -> "UnitProgram":
+        """This program with each side input set to ``values[node]``."""
+        program = self.program
+        for op, node in self.sides:
+            program = program.with_tensor(4 * op, values[node])
+        return dataclasses.replace(self, program=program)

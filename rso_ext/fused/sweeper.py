@@ -13,22 +13,13 @@ from typing import Callable, Optional, Sequence, Union
 import torch
 from torch import nn
 
+from .. import ops
 from ..memory import ModuleFootprint, estimate_sweep_bytes, format_bytes
 from ..streams import SweepStreams
 from ..sweep import candidate_values, non_finite
 from ..visit import Unit
 from .lower_graph import GraphPlan
 from .lower_sequential import Plan
-
-_OPS = None
-
-
-def _ops():
-    global _OPS
-    if _OPS is None:
-        from .. import ops  # noqa: F401  (loads rso_ext._C, which registers the ops)
-        _OPS = torch.ops.rso_ext
-    return _OPS
 
 
 def fused_sweep_estimate(trace: Sequence[ModuleFootprint], owner_module: nn.Module,
@@ -110,7 +101,7 @@ class FusedSweeper:
             return
         self.prog = self.plan.program(self.unit)
         children = [s.module for s in self.plan.steps]
-        start = self.prog.pop("start")
+        start = self.prog.start
         prefix, layer = children[:start], children[start]
         self._key = (start, x, x._version)
         old = self.store.take() if self.store is not None else None
@@ -135,7 +126,7 @@ class FusedSweeper:
         layer), reused from the store while the pool and every module they depend on are
         unchanged."""
         prog = self.plan.program(self.unit)
-        start, x_node, sides = prog.pop("start"), prog.pop("x_node"), prog.pop("sides")
+        start, x_node, sides = prog.start, prog.x_node, prog.sides
         wanted = sorted({x_node, *(n for _, n in sides)})
         deps = self.plan.dependencies(wanted)
         layer = self.plan.steps[start].module
@@ -158,9 +149,7 @@ class FusedSweeper:
             del parts
         self.x = values[x_node]
         self.z = z if z is not None else self._chunked(layer, self.x)
-        for op, n in sides:
-            prog["op_tensors"][4 * op] = values[n]
-        self.prog = prog
+        self.prog = prog.with_sides(values)
         self._graph = dict(start=start, x=x, version=x._version, wanted=wanted, values=values,
                            deps=deps, layer=layer)
         self.y = y
@@ -210,10 +199,9 @@ class FusedSweeper:
         inplace = any(getattr(m, "inplace", False) for m in modules)
 
         def run(h: torch.Tensor) -> torch.Tensor:
-            if not prog["op_kinds"] or h.device.type != "cpu":
+            if len(prog) == 0 or h.device.type != "cpu":
                 return modules(h.clone() if inplace else h)
-            return _ops().program_forward(h, prog["op_kinds"], prog["op_params"],
-                                          prog["op_eps"], prog["op_tensors"])
+            return ops.program_forward(h, prog)
         return run
 
     def _chunked(self, f: Callable, x: torch.Tensor) -> torch.Tensor:
@@ -272,10 +260,10 @@ class FusedSweeper:
         for a in range(k0, k1, step):
             b = min(k1, a + step)
             values = candidate_values(param.view(-1)[a:b], streams.deltas[a:b].to(dev), decay)
-            chosen, losses = _ops().fused_sweep(
-                self.x, self.z, param, self.y, self.prog["op_kinds"], self.prog["op_params"],
-                self.prog["op_eps"], self.prog["op_tensors"], self.prog["unit_kind"],
-                self.prog["unit_op"], a, values, streams.batches(a, b).to(dev))
+            chosen, losses = ops.fused_sweep(
+                self.x, self.z, param, self.y, self.prog.program, unit_kind=self.prog.unit_kind,
+                unit_op=self.prog.unit_op, k0=a, values=values,
+                batches=streams.batches(a, b).to(dev))
             if int(chosen.min()) < 0:      # -1: a non-finite state stopped the call
                 i = int((chosen == -1).nonzero()[0])
                 param.view(-1)[a + i] = values[i, 0]
@@ -292,15 +280,14 @@ class FusedSweeper:
                target: Optional[torch.Tensor] = None) -> torch.Tensor:
         """float64 [K]: summed losses of weight ``k`` set to each of ``values`` on minibatch
         ``idx`` of the pool (targets are the pool's). Changes nothing."""
-        return _ops().fused_candidate_losses(
-            self.x, self.z, self.unit.param.data, self.y, self.prog["op_kinds"],
-            self.prog["op_params"], self.prog["op_eps"], self.prog["op_tensors"],
-            self.prog["unit_kind"], self.prog["unit_op"], k, values, idx)
+        return ops.fused_candidate_losses(
+            self.x, self.z, self.unit.param.data, self.y, self.prog.program,
+            unit_kind=self.prog.unit_kind, unit_op=self.prog.unit_op, k=k, values=values,
+            batch=idx)
 
     @torch.no_grad()
     def set(self, k: int, value: torch.Tensor) -> None:
         """Write ``value`` as weight ``k`` and keep ``Z_d`` exact."""
-        _ops().fused_set_weight(
-            self.x, self.z, self.unit.param.data, self.prog["op_kinds"], self.prog["op_params"],
-            self.prog["op_eps"], self.prog["op_tensors"], self.prog["unit_kind"],
-            self.prog["unit_op"], k, float(value))
+        ops.fused_set_weight(
+            self.x, self.z, self.unit.param.data, self.prog.program,
+            unit_kind=self.prog.unit_kind, unit_op=self.prog.unit_op, k=k, value=float(value))
