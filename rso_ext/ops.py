@@ -9,6 +9,8 @@ The fused operators take a lowered network as a :class:`Program` (the encoding o
 ``csrc/core/program.h``: op kinds :data:`CONV` ... :data:`ADD`, four integers, an epsilon and
 four optional tensors per op), which :mod:`rso_ext.fused` builds from a model, and the unit
 they sweep as ``unit_kind`` (:data:`UNIT_WEIGHT` ... :data:`UNIT_BETA`) of op ``unit_op``.
+Every operator has a fake (meta) kernel for tracing under ``FakeTensorMode`` (registered here,
+except ``program_forward``, whose composite C++ kernel runs on meta tensors as it is).
 """
 
 from __future__ import annotations
@@ -246,3 +248,34 @@ def fused_set_weight(x: Tensor, z: Tensor, param: Tensor, program: Program, *, u
         x, z, param, program.kinds, program.params, program.eps, program.tensors, unit_kind,
         unit_op, k, float(value))
 
+
+# -- fake kernels: output shapes for FakeTensor / meta tracing --------------------------------
+# (the shapes of the C++ kernels: cross_entropy.cpp, fused.cpp; program_forward needs none)
+@torch.library.register_fake("rso_ext::candidate_cross_entropy")
+def _candidate_cross_entropy_fake(logits: Tensor, target: Tensor) -> Tensor:
+    torch._check(logits.dim() == 3, lambda: f"candidate_cross_entropy: logits must be "
+                 f"[K, B, C], got {tuple(logits.shape)}")
+    return logits.new_empty((logits.shape[0],), dtype=torch.float64)
+
+
+@torch.library.register_fake("rso_ext::fused_candidate_losses")
+def _fused_candidate_losses_fake(x, z, param, target, op_kinds, op_params, op_eps, op_tensors,
+                                 unit_kind, unit_op, k, values, batch) -> Tensor:
+    torch._check(values.dim() == 1, lambda: f"fused_candidate_losses: values must be 1-D, got "
+                 f"{tuple(values.shape)}")
+    return x.new_empty((values.shape[0],), dtype=torch.float64)
+
+
+@torch.library.register_fake("rso_ext::fused_sweep")
+def _fused_sweep_fake(x, z, param, target, op_kinds, op_params, op_eps, op_tensors, unit_kind,
+                      unit_op, k0, values, batches) -> tuple[Tensor, Tensor]:
+    torch._check(values.dim() == 2, lambda: f"fused_sweep: values must be [m, K], got "
+                 f"{tuple(values.shape)}")
+    m, K = values.shape
+    return x.new_empty((m,), dtype=torch.int64), x.new_empty((m, K), dtype=torch.float64)
+
+
+@torch.library.register_fake("rso_ext::fused_set_weight")
+def _fused_set_weight_fake(x, z, param, op_kinds, op_params, op_eps, op_tensors, unit_kind,
+                           unit_op, k, value) -> None:
+    return None
