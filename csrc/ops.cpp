@@ -7,6 +7,8 @@
 
 #include <pybind11/pybind11.h>
 
+#include "core/program.h"
+
 TORCH_LIBRARY(rso_ext, m) {
   // out[k] = sum_b cross_entropy(logits[k, b, :], target[b]) in float64, for logits
   // [K, B, C] (float32/float64) and int64 target [B]; returns float64 [K].
@@ -46,10 +48,43 @@ constexpr bool kCudaBuilt =
     false;
 #endif
 
+// The enumerator's name in program.h; nullptr past the last one. A switch without default, so
+// that -Wall (-Wswitch) flags an enumerator added there and not here.
+const char* op_kind_name(rso::OpKind kind) {
+  using rso::OpKind;
+  switch (kind) {
+    case OpKind::Conv: return "Conv";
+    case OpKind::Linear: return "Linear";
+    case OpKind::BatchNorm: return "BatchNorm";
+    case OpKind::ReLU: return "ReLU";
+    case OpKind::AvgPool: return "AvgPool";
+    case OpKind::MaxPool: return "MaxPool";
+    case OpKind::GlobalAvgPool: return "GlobalAvgPool";
+    case OpKind::Flatten: return "Flatten";
+    case OpKind::Save: return "Save";
+    case OpKind::Load: return "Load";
+    case OpKind::Input: return "Input";
+    case OpKind::Add: return "Add";
+  }
+  return nullptr;
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "rso_ext compiled operators; call them through torch.ops.rso_ext or rso_ext.ops";
   m.def("cuda_built", [] { return kCudaBuilt; },
         "Whether the CUDA kernels were compiled into this build of the extension.");
+  m.def("op_kinds", [] {
+          pybind11::dict kinds;
+          for (int64_t k = 0;; ++k) {
+            const char* name = op_kind_name(static_cast<rso::OpKind>(k));
+            if (name == nullptr) {
+              return kinds;
+            }
+            kinds[name] = k;
+          }
+        },
+        "The op kinds of the program encoding (enum rso::OpKind in csrc/core/program.h): "
+        "enumerator name -> value.");
 }

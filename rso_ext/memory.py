@@ -3,10 +3,12 @@ stop with a clear message, instead of an out-of-memory crash half-way through a 
 
 The estimate is backend-neutral arithmetic (:func:`estimate_sweep_bytes`): per-sample bytes
 cached for the whole training pool, plus per-sample bytes of the work on one minibatch, plus fixed
-bytes. Each backend supplies its own per-sample figures: :func:`torch_sweep_estimate` traces the
-model once for ``backend="torch"``; another sweeper can provide a method
-``memory_estimate(pool_size, batch_size) -> (bytes, description)`` built on
-:func:`estimate_sweep_bytes` with its own byte counts, and :func:`sweep_estimate` uses it.
+bytes. Each sweeper states its own figures through a method ``memory_estimate(model,
+unit_module, pool_size, batch_size, trace) -> (bytes, description)`` built on
+:func:`estimate_sweep_bytes` and the model's per-module footprint (:func:`trace_footprint`), and
+:func:`sweep_estimate` asks it: :class:`rso_ext.sweep.TorchSweeper` with
+:func:`torch_sweep_estimate`, :class:`rso_ext.fused.FusedSweeper` with its own figures
+(rso_ext/fused/sweeper.py).
 
 :func:`available_bytes` reads what the device can still give (CPU: ``MemAvailable`` of
 ``/proc/meminfo``, capped by a cgroup limit; CUDA: ``torch.cuda.mem_get_info`` plus the memory the
@@ -31,7 +33,7 @@ DeviceLike = Union[str, torch.device]
 
 __all__ = ["InsufficientMemoryError", "estimate_sweep_bytes", "available_bytes", "check_fits",
            "format_bytes", "parse_bytes", "trace_footprint", "torch_sweep_estimate",
-           "fused_sweep_estimate", "sweep_estimate", "ENV_LIMIT"]
+           "sweep_estimate", "ENV_LIMIT"]
 
 
 class InsufficientMemoryError(MemoryError):
@@ -155,7 +157,7 @@ def check_fits(estimate: int, device: DeviceLike, what: str, fix: str,
         int(estimate), int(avail), dev)
 
 
-# -- the torch backend's figures ------------------------------------------------------------------
+# -- footprints, and the torch backend's figures ------------------------------------------------
 @dataclass
 class ModuleFootprint:
     """One leaf module of a traced forward: bytes of its input and output per sample."""
@@ -222,62 +224,22 @@ def torch_sweep_estimate(trace: Sequence[ModuleFootprint], unit_module: nn.Modul
     return total, " + ".join(parts)
 
 
-def fused_sweep_estimate(trace: Sequence[ModuleFootprint], owner_module: nn.Module,
-                         pool_size: int, batch_size: int, candidates: int = 3,
-                         side_bytes: int = 0, saved_bytes: int = 0) -> tuple[int, str]:
-    """(bytes, description) of a ``backend="fused"`` sweep whose swept layer (the conv/linear
-    that owns the unit) is ``owner_module``: its input ``X_d`` and pre-activation ``Z_d`` cached
-    for the whole pool (each counted twice: chunks and their concatenation coexist while they are
-    built), and per minibatch the gathered rows plus the dense suffix run on all ``candidates``
-    at once. A residual network's sweep (rso_ext.plan_graph) also caches its side inputs,
-    ``side_bytes`` per sample (counted as X_d is), and keeps values of ``saved_bytes`` per
-    sample for later adds while a minibatch is evaluated (counted for every candidate). A first
-    figure for :class:`rso_ext.fused.FusedSweeper` until it states its own through
-    ``memory_estimate``."""
-    start = next((i for i, f in enumerate(trace) if f.module is owner_module), 0)
-    suffix = list(trace[start:]) or list(trace)
-    x_d, z_d = suffix[0].in_bytes, suffix[0].out_bytes
-    peak = max((f.in_bytes + f.out_bytes for f in suffix), default=0)
-    cache = 2 * (x_d + z_d + side_bytes)
-    per_batch = x_d + z_d + side_bytes + candidates * (peak + saved_bytes)
-    total = estimate_sweep_bytes(pool_size, batch_size, cache, per_batch)
-    cached = "cached X_d, Z_d" + (" and side inputs" if side_bytes else "")
-    return total, (f"{cached} {format_bytes(pool_size * cache)} for {pool_size} samples + "
-                   f"activations {format_bytes(batch_size * per_batch)} for batch {batch_size}")
-
-
+# -- the sweeper's own figure ---------------------------------------------------------------------
 def sweep_estimate(model: nn.Module, unit_module: nn.Module, sweeper, pool_size: int,
                    batch_size: int, trace: Optional[Sequence[ModuleFootprint]] = None,
                    sample: Optional[torch.Tensor] = None) -> Optional[tuple[int, str]]:
     """(bytes, description) of a unit sweep by ``sweeper``, or None if its backend states none.
 
-    A sweeper wrapping another (attribute ``inner``) is looked through; one with a
-    ``memory_estimate(pool_size, batch_size)`` method answers for itself; a
-    :class:`rso_ext.sweep.TorchSweeper` or a :class:`rso_ext.fused.FusedSweeper` without one is
-    estimated from ``trace`` (or a trace of ``sample``)."""
-    from .evaluate import BatchedCandidates, CachedInput
-    from .sweep import TorchSweeper
-
+    A sweeper wrapping another (attribute ``inner``) is looked through; the sweeper answers for
+    itself through its method ``memory_estimate(model, unit_module, pool_size, batch_size,
+    trace)`` (:class:`rso_ext.sweep.TorchSweeper`, :class:`rso_ext.fused.FusedSweeper`), given
+    ``trace`` (or a trace of ``sample``); a sweeper without one gets None."""
     while hasattr(sweeper, "inner") and not hasattr(sweeper, "memory_estimate"):
         sweeper = sweeper.inner
-    if hasattr(sweeper, "memory_estimate"):
-        return sweeper.memory_estimate(pool_size, batch_size)
-    fused = type(sweeper).__name__ == "FusedSweeper" and hasattr(sweeper, "plan")
-    if not (fused or isinstance(sweeper, TorchSweeper)):
+    if not hasattr(sweeper, "memory_estimate"):
         return None
     if trace is None:
         if sample is None:
             raise ValueError("sweep_estimate needs a trace or a sample batch")
         trace = trace_footprint(model, sample)
-    if fused:
-        owner = sweeper.plan.steps[sweeper.plan.owner(sweeper.unit)].module
-        if not sweeper.plan.dag:
-            return fused_sweep_estimate(trace, owner, pool_size, batch_size)
-        size = next(owner.parameters()).element_size()
-        side, saved = sweeper.plan.side_widths(sweeper.unit)
-        return fused_sweep_estimate(trace, owner, pool_size, batch_size,
-                                    side_bytes=side * size, saved_bytes=saved * size)
-    ev = sweeper.evaluator
-    return torch_sweep_estimate(trace, unit_module, pool_size, batch_size,
-                                cached=isinstance(ev, CachedInput),
-                                batched=isinstance(ev, BatchedCandidates))
+    return sweeper.memory_estimate(model, unit_module, pool_size, batch_size, trace)

@@ -11,7 +11,7 @@ import math
 import numbers
 import time
 from dataclasses import asdict, dataclass
-from typing import Any, Dict, Iterator, Optional
+from typing import Any, Dict, Iterator, Optional, Union
 
 import torch
 from torch import nn
@@ -19,8 +19,7 @@ from torch import nn
 from . import batchnorm, memory, schedule
 from .data import check_data, from_dataset
 from .evaluate import make_evaluator
-from .fused import CacheStore, FusedSweeper
-from .plan import Plan, PlanError, lower
+from .fused import CacheStore, FusedSweeper, GraphPlan, Plan, PlanError, lower
 from .sweep import NonFiniteLossError, Sweeper, TorchSweeper
 from .streams import SAMPLERS, SweepStreams
 from .visit import Unit, check_supported, execution_order, visit_units
@@ -65,8 +64,8 @@ class RSO:
         calib_size: training images used to recompute BatchNorm statistics.
         generator: the source of all randomness (a CPU ``torch.Generator``); default seed 0.
         backend: how candidates are evaluated: ``"torch"`` is the pure-PyTorch reference (any
-            model), ``"fused"`` the compiled fused evaluation (models :mod:`rso_ext.plan` can
-            lower; others raise :class:`rso_ext.plan.PlanError` naming the module), ``"auto"``
+            model), ``"fused"`` the compiled fused evaluation (models :func:`rso_ext.fused.lower`
+            can lower; others raise :class:`rso_ext.fused.PlanError` naming the module), ``"auto"``
             (the default) fused whenever the model can be lowered, else torch;
             :attr:`backend_reason` says which one runs and why once data has been seen.
         pool_size: if smaller than the training set, each unit sweep draws this many training
@@ -135,7 +134,7 @@ class RSO:
         self.calib_idx: Optional[torch.Tensor] = None
         self.units: Optional[list[Unit]] = None
         self.sigma0: Optional[list[float]] = None
-        self.plan: Optional[Plan] = None
+        self.plan: Optional[Union[Plan, GraphPlan]] = None
         self.backend_reason = ""
         self.memory_limit = memory_limit
         self._footprint: Optional[tuple[torch.Size, list]] = None

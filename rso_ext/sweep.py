@@ -7,11 +7,13 @@ are never chosen. A non-finite loss of ``w'`` itself stops the run (:class:`NonF
 from __future__ import annotations
 
 import math
-from typing import Callable, Optional, Protocol
+from typing import Callable, Optional, Protocol, Sequence
 
 import torch
+from torch import nn
 
-from .evaluate import FullForward
+from .evaluate import BatchedCandidates, CachedInput, FullForward
+from .memory import ModuleFootprint, torch_sweep_estimate
 from .streams import SweepStreams
 from .visit import Unit
 
@@ -56,7 +58,12 @@ def non_finite(unit: Unit, k: int, loss: float) -> NonFiniteLossError:
 
 
 class Sweeper(Protocol):
-    """The weight loop of one unit sweep, as every backend provides it."""
+    """The weight loop of one unit sweep, as every backend provides it.
+
+    A sweeper may also state what it will take on the device, through a method
+    ``memory_estimate(model, unit_module, pool_size, batch_size, trace) -> (bytes, description)``
+    (``trace``: :func:`rso_ext.memory.trace_footprint` of the model); the driver checks it
+    before the sweep starts (:func:`rso_ext.memory.sweep_estimate`)."""
 
     def begin(self, x: torch.Tensor, y: torch.Tensor) -> None:
         """Build the sweep's caches from the training pool ``(x, y)``."""
@@ -105,3 +112,13 @@ class TorchSweeper:
     def end(self) -> None:
         self.evaluator.end()
         self.x = self.y = None
+
+    def memory_estimate(self, model: nn.Module, unit_module: nn.Module, pool_size: int,
+                        batch_size: int, trace: Sequence[ModuleFootprint]) -> tuple[int, str]:
+        """(bytes, description) of this sweep on ``pool_size`` samples (see
+        :func:`rso_ext.memory.torch_sweep_estimate`: the evaluator decides what is cached and
+        how many candidates run at once)."""
+        ev = self.evaluator
+        return torch_sweep_estimate(trace, unit_module, pool_size, batch_size,
+                                    cached=isinstance(ev, CachedInput),
+                                    batched=isinstance(ev, BatchedCandidates))

@@ -6,6 +6,7 @@ from collections import OrderedDict
 import torch
 from torch import nn
 
+from rso_ext import ops
 from rso_ext.models import he_init_
 
 
@@ -114,3 +115,10 @@ def mnist_root(root, n_train: int, n_test: int):
             data.write_idx(raw / f"{split}-{kind}-ubyte.gz",
                            data.read_idx(src / f"{split}-{kind}-ubyte.gz")[:n])
     return root
+
+
+def fused_sweep(sw, values: torch.Tensor, batches: torch.Tensor, k0: int = 0):
+    """``rso_ext.ops.fused_sweep`` on the caches and program of a begun FusedSweeper ``sw``."""
+    return ops.fused_sweep(sw.x, sw.z, sw.unit.param.data, sw.y, sw.prog.program,
+                           unit_kind=sw.prog.unit_kind, unit_op=sw.prog.unit_op, k0=k0,
+                           values=values, batches=batches)

@@ -1,22 +1,22 @@
 """The fused candidate evaluation (backend="fused") against the pure-PyTorch reference."""
 from __future__ import annotations
 
+import dataclasses
 from collections import OrderedDict
 
 import pytest
 import torch
 from torch import nn
 
-from rso_ext import RSO, models
+from rso_ext import RSO, models, ops
 from rso_ext.batchnorm import calibrate, search_mode
 from rso_ext.evaluate import FullForward
-from rso_ext.fused import CacheStore as FusedStore, FusedSweeper
-from rso_ext.plan import PlanError, lower
+from rso_ext.fused import CacheStore as FusedStore, FusedSweeper, PlanError, lower
 from rso_ext.streams import SweepStreams
 from rso_ext.sweep import NonFiniteLossError, candidate_values
 from rso_ext.visit import execution_order, visit_units
 
-from helpers import CatDag, TinyDag, tiny_net, toy_data
+from helpers import CatDag, TinyDag, fused_sweep, tiny_net, toy_data
 
 RTOL = 2e-6   # summed float64 losses of float32 nets: fused vs reference, relative
 
@@ -208,7 +208,10 @@ def test_fixed_batchnorm_uses_running_statistics(name):
         fused.begin(x, y)
         steps = [s for s in plan.steps[plan.owner(unit):] if s.kind is not None]
         bn2 = next(i for i, s in enumerate(steps) if s.module is net.bn2)
-        fused.prog["op_params"][4 * bn2] = 0              # running statistics
+        params = list(fused.prog.program.params)
+        params[4 * bn2] = 0                               # running statistics
+        fused.prog = dataclasses.replace(
+            fused.prog, program=dataclasses.replace(fused.prog.program, params=params))
         b = fused.losses(k, vals, idx)
     torch.testing.assert_close(b, a, rtol=RTOL, atol=1e-7)
 
@@ -327,10 +330,11 @@ def sweeper():
 
 
 def _call(sw, **over):
-    args = dict(x=sw.x, z=sw.z, param=sw.unit.param.data, target=sw.y, **sw.prog, k=0,
+    args = dict(x=sw.x, z=sw.z, param=sw.unit.param.data, target=sw.y, program=sw.prog.program,
+                unit_kind=sw.prog.unit_kind, unit_op=sw.prog.unit_op, k=0,
                 values=torch.tensor([0.1, 0.2, 0.3]), batch=torch.arange(10))
     args.update(over)
-    return torch.ops.rso_ext.fused_candidate_losses(*args.values())
+    return ops.fused_candidate_losses(**args)
 
 
 def test_op_boundary_errors_are_readable(sweeper):
@@ -348,7 +352,8 @@ def test_op_boundary_errors_are_readable(sweeper):
         (dict(unit_op=3), "a weight or bias unit belongs to op 0"),
         (dict(target=sw.y[:5]), "target must be an int64 vector of length N = 30"),
         (dict(target=torch.full_like(sw.y, 7)), r"label 7 of pool sample 0 is outside \[0, 3\)"),
-        (dict(op_params=[1, 1]), "op_params must hold 4 integers per op"),
+        (dict(program=dataclasses.replace(sw.prog.program, params=(1, 1))),
+         "op_params must hold 4 integers per op"),
     ]
     for over, msg in cases:
         with pytest.raises(RuntimeError, match=msg):
@@ -359,9 +364,7 @@ def test_non_finite_candidates_are_never_chosen_and_a_non_finite_state_is_report
     sw = sweeper
     w = float(sw.unit.param.data.view(-1)[0])
     values = torch.tensor([[w, float("nan"), float("inf")], [w, w + 5.0, float("nan")]])
-    chosen, losses = torch.ops.rso_ext.fused_sweep(
-        sw.x, sw.z, sw.unit.param.data, sw.y, *sw.prog.values(), 0, values,
-        torch.arange(20).view(2, 10))
+    chosen, losses = fused_sweep(sw, values, torch.arange(20).view(2, 10))
     assert chosen[0] == 0 and chosen[1] in (0, 1)
     assert not torch.isfinite(losses[0, 1:]).any()
     sw.x[3] = float("nan")
@@ -491,20 +494,17 @@ def test_program_forward_equals_the_modules(seed):
             if isinstance(m, nn.modules.batchnorm._BatchNorm):
                 m.train(train)
         prog = plan.forward_program(0, len(plan.steps))
-        got = torch.ops.rso_ext.program_forward(x, prog["op_kinds"], prog["op_params"],
-                                                prog["op_eps"], prog["op_tensors"])
+        got = ops.program_forward(x, prog)
         with torch.no_grad():
             want = net(x)
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     x0 = x.clone()
-    torch.ops.rso_ext.program_forward(x, [3], [0, 0, 0, 0], [0.0], [None] * 4)  # ReLU first
+    ops.program_forward(x, ops.Program([ops.RELU], [0, 0, 0, 0], [0.0], [None] * 4))  # ReLU first
     assert torch.equal(x, x0), "program_forward must not write over its input"
     with pytest.raises(RuntimeError, match="program_forward: x must be float32 or float64"):
-        torch.ops.rso_ext.program_forward(x.long(), prog["op_kinds"], prog["op_params"],
-                                          prog["op_eps"], prog["op_tensors"])
+        ops.program_forward(x.long(), prog)
     with pytest.raises(RuntimeError, match="program_forward: op 0 has tensor 0 of Float"):
-        torch.ops.rso_ext.program_forward(x.double(), prog["op_kinds"], prog["op_params"],
-                                          prog["op_eps"], prog["op_tensors"])
+        ops.program_forward(x.double(), prog)
 
 
 def test_logits_layer_sweep_with_the_pool_log_sum_exp_matches_per_weight_losses():
@@ -525,9 +525,7 @@ def test_logits_layer_sweep_with_the_pool_log_sum_exp_matches_per_weight_losses(
     with search_mode(net, order, unit.position):
         sw = FusedSweeper(plan, unit)
         sw.begin(x, y)
-        chosen, losses = torch.ops.rso_ext.fused_sweep(
-            sw.x, sw.z, unit.param.data, sw.y, *sw.prog.values(), 0, values,
-            streams.batches(0, n))
+        chosen, losses = fused_sweep(sw, values, streams.batches(0, n))
         swept = unit.param.data.clone()
         sw.end()
         unit.param.data.copy_(start)

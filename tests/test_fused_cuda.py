@@ -18,13 +18,12 @@ import torch
 from rso_ext import RSO, models, ops
 from rso_ext.batchnorm import calibrate, search_mode
 from rso_ext.evaluate import FullForward
-from rso_ext.fused import FusedSweeper
-from rso_ext.plan import lower
+from rso_ext.fused import FusedSweeper, lower
 from rso_ext.streams import SweepStreams
 from rso_ext.sweep import NonFiniteLossError
 from rso_ext.visit import execution_order, visit_units
 
-from helpers import SmallRes, tiny_net, toy_data
+from helpers import SmallRes, fused_sweep, tiny_net, toy_data
 from test_fused import RTOL, _paper_like, _random_net
 from test_fused_graph import _ResNet
 
@@ -124,7 +123,7 @@ def test_seeded_runs_make_the_same_decisions_as_on_cpu(sampler):
     torch.testing.assert_close(torch.tensor(loss_b), torch.tensor(loss_a), rtol=1e-6, atol=0)
 
 
-# -- residual networks (rso_ext/plan_graph.py, csrc/core/fused_dag.cpp: ATen on any device) ----
+# -- residual networks (rso_ext/fused/lower_graph.py, csrc/core/fused_dag.cpp: ATen on any device)
 def test_paper_cifar_matches_cpu_and_reference():
     torch.manual_seed(0)
     net = models.paper_cifar(torch.Generator().manual_seed(1))
@@ -179,9 +178,7 @@ def _sweep_both(net, x, y, unit_name, m=None, B=16, seed=3):
                                   unit.param.data.view(-1)[:n] * 0.99 + streams.deltas[:n].to(device),
                                   unit.param.data.view(-1)[:n] * 0.99 - streams.deltas[:n].to(device)],
                                  dim=1)
-            chosen, losses = torch.ops.rso_ext.fused_sweep(
-                sw.x, sw.z, unit.param.data, sw.y, *sw.prog.values(), 0, values,
-                streams.batches(0, n).to(device))
+            chosen, losses = fused_sweep(sw, values, streams.batches(0, n).to(device))
             layer = getattr(side.net, LAYER_OF.get(unit_name.split(".")[0], unit_name.split(".")[0]))
             out.append((chosen.cpu(), losses.cpu(), unit.param.data.cpu().clone(), sw.z.cpu(),
                         layer(sw.x).cpu()))
@@ -221,9 +218,7 @@ def test_non_finite_stop_on_the_device():
         w = float(unit.param.data.view(-1)[0])
         values = torch.tensor([[w, float("nan"), float("inf")], [w, w + 5.0, float("nan")]],
                               device="cuda")
-        chosen, losses = torch.ops.rso_ext.fused_sweep(
-            sw.x, sw.z, unit.param.data, sw.y, *sw.prog.values(), 0, values,
-            torch.arange(20, device="cuda").view(2, 10))
+        chosen, losses = fused_sweep(sw, values, torch.arange(20, device="cuda").view(2, 10))
         assert chosen[0] == 0 and chosen[1] in (0, 1)
         assert not torch.isfinite(losses[0, 1:]).any()
         before = unit.param.data.clone()
@@ -231,9 +226,7 @@ def test_non_finite_stop_on_the_device():
         sw.x[3] = float("nan")
         values = torch.stack([before.view(-1)[:4]] * 3, dim=1) + torch.tensor([0.0, 0.1, -0.1],
                                                                                 device="cuda")
-        chosen, losses = torch.ops.rso_ext.fused_sweep(
-            sw.x, sw.z, unit.param.data, sw.y, *sw.prog.values(), 0, values,
-            torch.arange(30, device="cuda").repeat(4, 1))
+        chosen, losses = fused_sweep(sw, values, torch.arange(30, device="cuda").repeat(4, 1))
         assert chosen.tolist() == [-1, -2, -2, -2]
         assert not torch.isfinite(losses[0, 0]) and torch.isnan(losses[1:]).all()
         assert torch.equal(unit.param.data, before) and torch.equal(sw.z, z_before)
@@ -284,8 +277,7 @@ def test_a_sweep_call_reads_back_once_whatever_its_length():
                 warnings.simplefilter("always")
                 torch.cuda.set_sync_debug_mode("warn")
                 try:
-                    torch.ops.rso_ext.fused_sweep(sw.x, sw.z, unit.param.data, sw.y,
-                                                  *sw.prog.values(), 0, values, batches)
+                    fused_sweep(sw, values, batches)
                 finally:
                     torch.cuda.set_sync_debug_mode("default")
             return sum("synchroniz" in str(r.message) for r in rec)

@@ -1,4 +1,4 @@
-"""The fused backend on models that are not an nn.Sequential (rso_ext/plan_graph.py,
+"""The fused backend on models that are not an nn.Sequential (rso_ext/fused/lower_graph.py,
 csrc/core/fused_dag.cpp): paper_cifar and random residual nets against the pure-PyTorch
 reference, seeded sweeps against backend="torch", and the planner's refusals."""
 from __future__ import annotations
@@ -7,10 +7,11 @@ import pytest
 import torch
 from torch import nn
 
-from rso_ext import RSO, memory, models
+from rso_ext import RSO, memory, models, ops
 from rso_ext.batchnorm import calibrate, search_mode
-from rso_ext.fused import CacheStore, FusedSweeper
-from rso_ext.plan import ADD, INPUT, SAVE, PlanError, lower
+from rso_ext.fused import CacheStore, FusedSweeper, PlanError, lower
+from rso_ext.ops import ADD, INPUT, LINEAR, SAVE
+from rso_ext.fused.sweeper import fused_sweep_estimate
 from rso_ext.streams import SweepStreams
 from rso_ext.visit import execution_order, visit_units
 
@@ -54,7 +55,7 @@ def test_paper_cifar_programs():
 
     def sides(name):
         prog = plan.program(by[name])
-        return [(prog["op_kinds"][op], plan.steps[n].name) for op, n in prog["sides"]]
+        return [(prog.program.kinds[op], plan.steps[n].name) for op, n in prog.sides]
 
     assert sides("convs.1.weight") == [(ADD, "bns.0")]           # conv3 += conv1 branch
     assert sides("convs.2.weight") == [(ADD, "bns.0")]
@@ -62,9 +63,9 @@ def test_paper_cifar_programs():
     assert sides("shortcut.weight") == [(ADD, "convs.4")]
     assert sides("convs.0.weight") == []                         # every branch moves with it
     prog = plan.program(by["convs.0.weight"])
-    assert prog["op_kinds"].count(SAVE) == 6 and prog["op_kinds"].count(ADD) == 4
+    assert prog.program.kinds.count(SAVE) == 6 and prog.program.kinds.count(ADD) == 4
     fc = plan.program(by["fc.weight"])
-    assert fc["op_kinds"] == [1] and fc["sides"] == []
+    assert fc.program.kinds == (LINEAR,) and fc.sides == ()
 
 
 def test_a_pass_over_every_unit_of_paper_cifar_makes_the_decisions_of_torch():
@@ -220,7 +221,7 @@ def test_z_cache_stays_exact_through_a_residual_sweep(batch):
         with search_mode(net, order, unit.position):
             sw = FusedSweeper(plan, unit)
             sw.begin(x, y)
-            assert sw.prog["op_kinds"].count(ADD) >= 1
+            assert sw.prog.program.kinds.count(ADD) >= 1
             accepted, _ = sw.run(0, unit.param.numel(), streams, 0.99)
             assert accepted > 0
             torch.testing.assert_close(sw.z, unit.module(sw.x), rtol=1e-5, atol=1e-5)
@@ -317,7 +318,7 @@ def test_auto_lowers_paper_cifar_and_the_memory_check_counts_side_inputs():
     sw = rso.sweeper(unit)
     trace = memory.trace_footprint(rso.model, x[:2])
     total, detail = memory.sweep_estimate(rso.model, unit.module, sw, 1000, 8, trace=trace)
-    plain, _ = memory.fused_sweep_estimate(trace, unit.module, 1000, 8)
+    plain, _ = fused_sweep_estimate(trace, unit.module, 1000, 8)
     side, saved = rso.plan.side_widths(unit)
     assert side == 16 * 32 * 32 and saved > 0           # h0 (bns.0's output)
     assert total >= plain + 2 * 1000 * 4 * side and "side inputs" in detail
@@ -419,8 +420,7 @@ def test_the_planner_names_what_it_cannot_lower_in_a_traced_forward(build, text)
 
 def test_program_forward_refuses_dag_ops():
     with pytest.raises(RuntimeError, match="program_forward: Save/Load/Input/Add"):
-        torch.ops.rso_ext.program_forward(torch.zeros(2, 3), [SAVE], [0, 0, 0, 0], [0.0],
-                                          [None] * 4)
+        ops.program_forward(torch.zeros(2, 3), ops.Program([SAVE], [0, 0, 0, 0], [0.0], [None] * 4))
 
 
 class _StrayBN(nn.Module):

@@ -4,8 +4,15 @@ import math
 
 import pytest
 import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.testing._internal.optests.generate_tests import ALL_TEST_UTILS
 
-from rso_ext import ops
+from rso_ext import _C, ops
+from rso_ext.batchnorm import calibrate, search_mode
+from rso_ext.fused import FusedSweeper, lower
+from rso_ext.visit import execution_order, visit_units
+
+from helpers import TinyDag, tiny_net, toy_data
 
 SHAPES = [(1, 1, 2), (3, 7, 2), (4, 33, 10), (2, 257, 100), (5, 1000, 3), (2, 3, 1000)]
 
@@ -140,6 +147,125 @@ def test_bad_arguments_raise(logits, target, match):
 
 def test_cuda_built_is_bool():
     assert isinstance(ops.cuda_built(), bool)
+
+
+# --- the op library: kinds, schemas, fake kernels ------------------------------------
+
+
+def test_op_kinds_are_the_cpp_enum():
+    # rso_ext._C.op_kinds(): the enumerators of rso::OpKind (csrc/core/program.h)
+    assert _C.op_kinds() == ops.OP_KINDS
+    assert [ops.CONV, ops.LINEAR, ops.BN, ops.RELU, ops.AVGPOOL, ops.MAXPOOL, ops.GAP,
+            ops.FLATTEN, ops.SAVE, ops.LOAD, ops.INPUT, ops.ADD] == list(range(12))
+
+
+def test_opcheck_candidate_cross_entropy():
+    for dtype in (torch.float32, torch.float64):
+        logits, target = _inputs(3, 7, 4, dtype=dtype)
+        torch.library.opcheck(torch.ops.rso_ext.candidate_cross_entropy.default, (logits, target))
+
+
+def _chain():
+    """A small Sequential with every chain op, lowered; its program_forward program."""
+    net = torch.nn.Sequential(torch.nn.Conv2d(1, 3, 3, padding=1), torch.nn.BatchNorm2d(3),
+                              torch.nn.ReLU(), torch.nn.MaxPool2d(2), torch.nn.Conv2d(3, 2, 3),
+                              torch.nn.AvgPool2d(2, 1), torch.nn.AdaptiveAvgPool2d(1),
+                              torch.nn.Flatten(), torch.nn.Linear(2, 3))
+    x = torch.randn(5, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    calibrate(net, x)
+    plan = lower(net.eval(), x[:2])
+    return net, x, plan.forward_program(0, len(plan.steps))
+
+
+def test_opcheck_program_forward():
+    # registered CompositeExplicitAutograd in C++ and no fake kernel: under FakeTensorMode the
+    # composite kernel runs on meta tensors (where it takes ATen ops only, no CPU passes).
+    # test_aot_dispatch_dynamic is left out: with symbolic shapes the C++ kernel, which reads
+    # concrete sizes, cannot run.
+    _, x, prog = _chain()
+    assert set(prog.kinds) == {ops.CONV, ops.BN, ops.RELU, ops.MAXPOOL, ops.AVGPOOL, ops.GAP,
+                               ops.FLATTEN, ops.LINEAR}
+    torch.library.opcheck(torch.ops.rso_ext.program_forward.default,
+                          (x, list(prog.kinds), list(prog.params), list(prog.eps),
+                           list(prog.tensors)),
+                          test_utils=("test_schema", "test_autograd_registration",
+                                      "test_faketensor"))
+
+
+def test_program_forward_traces_under_fake_tensors_as_it_is():
+    net, x, prog = _chain()
+    with torch.no_grad():
+        want = net(x)
+    torch.testing.assert_close(ops.program_forward(x, prog), want, rtol=1e-5, atol=1e-5)
+    with FakeTensorMode() as mode:
+        fake = ops.Program(prog.kinds, prog.params, prog.eps,
+                           [None if t is None else mode.from_tensor(t) for t in prog.tensors])
+        out = ops.program_forward(mode.from_tensor(x), fake)
+    assert out.shape == want.shape and out.dtype == want.dtype and out.device == want.device
+
+
+def _sweep_cases():
+    """(name, build) of small fused sweeps: every unit kind, a chain and a dag program."""
+    cases = []
+    for unit_name in ("conv2.weight", "conv2.bias", "bn1.weight", "bn2.bias", "fc.weight"):
+        cases.append((unit_name, lambda n=unit_name: (tiny_net(seed=1, bias=True), n)))
+    cases.append(("dag", lambda: (TinyDag(), None)))
+    return cases
+
+
+def _begun(build):
+    net, unit_name = build()
+    x, y = toy_data(30)
+    calibrate(net, x)
+    units = visit_units(net, x[:2])
+    unit = units[0] if unit_name is None else next(u for u in units if u.name == unit_name)
+    order = [m for _, m in execution_order(net, x[:2])]
+    sw = FusedSweeper(lower(net, x[:2]), unit)
+    with search_mode(net, order, unit.position):
+        sw.begin(x, y)
+    return sw
+
+
+def _opcheck_in_place(op, args, test_utils=("test_schema", "test_faketensor")):
+    """torch.library.opcheck's own test utilities, on ``args`` as given. opcheck itself first
+    clones every tensor on its own, which parts the swept parameter from the program's tensor
+    of the unit; the fused ops require the two to share storage and refuse the clones (as
+    they should). Schema check: only the ``Tensor(a!)`` arguments (z, param) may change;
+    fake check: the fake kernel's outputs match the real ones in shape, dtype, strides."""
+    for name in test_utils:
+        ALL_TEST_UTILS[name](op, args, {}, copy_inputs=False)
+
+
+@pytest.mark.parametrize("name,build", _sweep_cases(), ids=[c[0] for c in _sweep_cases()])
+def test_opcheck_fused_ops(name, build):
+    sw = _begun(build)
+    p, param = sw.prog.program, sw.unit.param.data
+    unit = (sw.prog.unit_kind, sw.prog.unit_op)
+    prog = (list(p.kinds), list(p.params), list(p.eps), list(p.tensors))
+    w = param.view(-1)[:2].clone()
+    values = torch.stack([w, w + 0.3, w - 0.3], dim=1)
+    batches = torch.arange(20).view(2, 10)
+
+    _opcheck_in_place(torch.ops.rso_ext.fused_candidate_losses.default,
+                      (sw.x, sw.z, param, sw.y, *prog, *unit, 1, values[1], batches[1]))
+    _opcheck_in_place(torch.ops.rso_ext.fused_sweep.default,
+                      (sw.x, sw.z, param, sw.y, *prog, *unit, 0, values, batches))
+    before = param.clone()
+    _opcheck_in_place(torch.ops.rso_ext.fused_set_weight.default,
+                      (sw.x, sw.z, param, *prog, *unit, 1, float(w[1]) + 0.5))
+    assert not torch.equal(param, before)      # the schema check saw a real write
+
+    # the typed wrappers call the same ops
+    losses = ops.fused_candidate_losses(sw.x, sw.z, param, sw.y, p, unit_kind=unit[0],
+                                        unit_op=unit[1], k=0, values=values[0], batch=batches[0])
+    assert losses.shape == (3,) and losses.dtype == torch.float64
+    chosen, all_losses = ops.fused_sweep(sw.x, sw.z, param, sw.y, p, unit_kind=unit[0],
+                                         unit_op=unit[1], k0=0, values=values, batches=batches)
+    assert chosen.shape == (2,) and chosen.dtype == torch.int64
+    assert all_losses.shape == (2, 3) and all_losses.dtype == torch.float64
+    assert ops.fused_set_weight(sw.x, sw.z, param, p, unit_kind=unit[0], unit_op=unit[1], k=0,
+                                value=0.25) is None
+    assert float(param.view(-1)[0]) == 0.25
 
 
 # --- CUDA ----------------------------------------------------------------------------

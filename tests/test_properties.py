@@ -24,7 +24,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 from rso_ext import RSO, cli, data, models
-from rso_ext.plan import PlanError
+from rso_ext.fused import PlanError
 
 from helpers import CatDag, tiny_net, toy_data
 

@@ -8,24 +8,41 @@ the decisions are those of ``backend="torch"`` wherever the loss margins exceed 
 """
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence, Union
 
 import torch
+from torch import nn
 
-from .plan import Plan
-from .streams import SweepStreams
-from .sweep import candidate_values, non_finite
-from .visit import Unit
+from .. import ops
+from ..memory import ModuleFootprint, estimate_sweep_bytes, format_bytes
+from ..streams import SweepStreams
+from ..sweep import candidate_values, non_finite
+from ..visit import Unit
+from .lower_graph import GraphPlan
+from .lower_sequential import Plan
 
-_OPS = None
 
-
-def _ops():
-    global _OPS
-    if _OPS is None:
-        from . import ops  # noqa: F401  (loads rso_ext._C, which registers the ops)
-        _OPS = torch.ops.rso_ext
-    return _OPS
+def fused_sweep_estimate(trace: Sequence[ModuleFootprint], owner_module: nn.Module,
+                         pool_size: int, batch_size: int, candidates: int = 3,
+                         side_bytes: int = 0, saved_bytes: int = 0) -> tuple[int, str]:
+    """(bytes, description) of a ``backend="fused"`` sweep whose swept layer (the conv/linear
+    that owns the unit) is ``owner_module``: its input ``X_d`` and pre-activation ``Z_d`` cached
+    for the whole pool (each counted twice: chunks and their concatenation coexist while they are
+    built), and per minibatch the gathered rows plus the dense suffix run on all ``candidates``
+    at once. A residual network's sweep (:mod:`.lower_graph`) also caches its side inputs,
+    ``side_bytes`` per sample (counted as X_d is), and keeps values of ``saved_bytes`` per
+    sample for later adds while a minibatch is evaluated (counted for every candidate); the
+    figure of :meth:`FusedSweeper.memory_estimate`."""
+    start = next((i for i, f in enumerate(trace) if f.module is owner_module), 0)
+    suffix = list(trace[start:]) or list(trace)
+    x_d, z_d = suffix[0].in_bytes, suffix[0].out_bytes
+    peak = max((f.in_bytes + f.out_bytes for f in suffix), default=0)
+    cache = 2 * (x_d + z_d + side_bytes)
+    per_batch = x_d + z_d + side_bytes + candidates * (peak + saved_bytes)
+    total = estimate_sweep_bytes(pool_size, batch_size, cache, per_batch)
+    cached = "cached X_d, Z_d" + (" and side inputs" if side_bytes else "")
+    return total, (f"{cached} {format_bytes(pool_size * cache)} for {pool_size} samples + "
+                   f"activations {format_bytes(batch_size * per_batch)} for batch {batch_size}")
 
 
 def _snapshot(modules) -> list[torch.Tensor]:
@@ -69,7 +86,7 @@ class FusedSweeper:
     #: weights handed to one call of the compiled sweep (bounds the minibatch index matrix)
     max_chunk = 4096
 
-    def __init__(self, plan: Plan, unit: Unit, chunk: int = 1000,
+    def __init__(self, plan: Union[Plan, GraphPlan], unit: Unit, chunk: int = 1000,
                  store: Optional[CacheStore] = None) -> None:
         self.plan, self.unit, self.chunk, self.store = plan, unit, chunk, store
         self.x = self.z = self.y = None
@@ -84,7 +101,7 @@ class FusedSweeper:
             return
         self.prog = self.plan.program(self.unit)
         children = [s.module for s in self.plan.steps]
-        start = self.prog.pop("start")
+        start = self.prog.start
         prefix, layer = children[:start], children[start]
         self._key = (start, x, x._version)
         old = self.store.take() if self.store is not None else None
@@ -105,11 +122,12 @@ class FusedSweeper:
         self.y = y
 
     def _begin_graph(self, x: torch.Tensor, y: torch.Tensor) -> None:
-        """:meth:`begin` for a traced graph (rso_ext.plan_graph): ``X_d``, ``Z_d`` and the side
-        inputs of the program (values over the pool that do not depend on the swept layer),
-        reused from the store while the pool and every module they depend on are unchanged."""
+        """:meth:`begin` for a traced graph (:mod:`rso_ext.fused.lower_graph`): ``X_d``, ``Z_d``
+        and the side inputs of the program (values over the pool that do not depend on the swept
+        layer), reused from the store while the pool and every module they depend on are
+        unchanged."""
         prog = self.plan.program(self.unit)
-        start, x_node, sides = prog.pop("start"), prog.pop("x_node"), prog.pop("sides")
+        start, x_node, sides = prog.start, prog.x_node, prog.sides
         wanted = sorted({x_node, *(n for _, n in sides)})
         deps = self.plan.dependencies(wanted)
         layer = self.plan.steps[start].module
@@ -132,9 +150,7 @@ class FusedSweeper:
             del parts
         self.x = values[x_node]
         self.z = z if z is not None else self._chunked(layer, self.x)
-        for op, n in sides:
-            prog["op_tensors"][4 * op] = values[n]
-        self.prog = prog
+        self.prog = prog.with_sides(values)
         self._graph = dict(start=start, x=x, version=x._version, wanted=wanted, values=values,
                            deps=deps, layer=layer)
         self.y = y
@@ -184,10 +200,9 @@ class FusedSweeper:
         inplace = any(getattr(m, "inplace", False) for m in modules)
 
         def run(h: torch.Tensor) -> torch.Tensor:
-            if not prog["op_kinds"] or h.device.type != "cpu":
+            if len(prog) == 0 or h.device.type != "cpu":
                 return modules(h.clone() if inplace else h)
-            return _ops().program_forward(h, prog["op_kinds"], prog["op_params"],
-                                          prog["op_eps"], prog["op_tensors"])
+            return ops.program_forward(h, prog)
         return run
 
     def _chunked(self, f: Callable, x: torch.Tensor) -> torch.Tensor:
@@ -232,6 +247,19 @@ class FusedSweeper:
             held = [self.z, *graph["values"].values()]
         return sum(t.numel() * t.element_size() for t in held if t is not None)
 
+    def memory_estimate(self, model: nn.Module, unit_module: nn.Module, pool_size: int,
+                        batch_size: int, trace: Sequence[ModuleFootprint]) -> tuple[int, str]:
+        """(bytes, description) of this sweep on ``pool_size`` samples (:func:`fused_sweep_estimate`
+        for the layer that owns the unit; a traced graph's also counts its side inputs and the
+        values its program keeps in slots)."""
+        owner = self.plan.steps[self.plan.owner(self.unit)].module
+        if not self.plan.dag:
+            return fused_sweep_estimate(trace, owner, pool_size, batch_size)
+        size = next(owner.parameters()).element_size()
+        side, saved = self.plan.side_widths(self.unit)
+        return fused_sweep_estimate(trace, owner, pool_size, batch_size,
+                                    side_bytes=side * size, saved_bytes=saved * size)
+
     # -- the sweep ----------------------------------------------------------------------------
     @torch.no_grad()
     def run(self, k0: int, k1: int, streams: SweepStreams, decay: float,
@@ -245,10 +273,10 @@ class FusedSweeper:
         for a in range(k0, k1, step):
             b = min(k1, a + step)
             values = candidate_values(param.view(-1)[a:b], streams.deltas[a:b].to(dev), decay)
-            chosen, losses = _ops().fused_sweep(
-                self.x, self.z, param, self.y, self.prog["op_kinds"], self.prog["op_params"],
-                self.prog["op_eps"], self.prog["op_tensors"], self.prog["unit_kind"],
-                self.prog["unit_op"], a, values, streams.batches(a, b).to(dev))
+            chosen, losses = ops.fused_sweep(
+                self.x, self.z, param, self.y, self.prog.program, unit_kind=self.prog.unit_kind,
+                unit_op=self.prog.unit_op, k0=a, values=values,
+                batches=streams.batches(a, b).to(dev))
             if int(chosen.min()) < 0:      # -1: a non-finite state stopped the call
                 i = int((chosen == -1).nonzero()[0])
                 param.view(-1)[a + i] = values[i, 0]
@@ -265,15 +293,14 @@ class FusedSweeper:
                target: Optional[torch.Tensor] = None) -> torch.Tensor:
         """float64 [K]: summed losses of weight ``k`` set to each of ``values`` on minibatch
         ``idx`` of the pool (targets are the pool's). Changes nothing."""
-        return _ops().fused_candidate_losses(
-            self.x, self.z, self.unit.param.data, self.y, self.prog["op_kinds"],
-            self.prog["op_params"], self.prog["op_eps"], self.prog["op_tensors"],
-            self.prog["unit_kind"], self.prog["unit_op"], k, values, idx)
+        return ops.fused_candidate_losses(
+            self.x, self.z, self.unit.param.data, self.y, self.prog.program,
+            unit_kind=self.prog.unit_kind, unit_op=self.prog.unit_op, k=k, values=values,
+            batch=idx)
 
     @torch.no_grad()
     def set(self, k: int, value: torch.Tensor) -> None:
         """Write ``value`` as weight ``k`` and keep ``Z_d`` exact."""
-        _ops().fused_set_weight(
-            self.x, self.z, self.unit.param.data, self.prog["op_kinds"], self.prog["op_params"],
-            self.prog["op_eps"], self.prog["op_tensors"], self.prog["unit_kind"],
-            self.prog["unit_op"], k, float(value))
+        ops.fused_set_weight(
+            self.x, self.z, self.unit.param.data, self.prog.program,
+            unit_kind=self.prog.unit_kind, unit_op=self.prog.unit_op, k=k, value=float(value))

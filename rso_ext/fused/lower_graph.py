@@ -3,13 +3,13 @@
 
 ``torch.fx`` traces ``forward`` (Python control flow with constant conditions, such as
 PaperCifar's loop, is unrolled) into a graph of nodes in execution order. Supported nodes: the
-modules of :mod:`rso_ext.plan` (Conv2d, Linear, BatchNorm, ReLU, Max/AvgPool2d,
-AdaptiveAvgPool2d(1), Flatten, Dropout/Identity, a final LogSoftmax), the functions and methods
-``+`` / ``torch.add`` / ``.add`` of two tensors of one shape (the residual add),
-``torch.relu`` / ``F.relu`` / ``.relu()``, ``torch.flatten(x, 1)`` / ``.flatten(1)`` and
+modules of :func:`rso_ext.fused.program.lower_module` (Conv2d, Linear, BatchNorm, ReLU,
+Max/AvgPool2d, AdaptiveAvgPool2d(1), Flatten, Dropout/Identity, a final LogSoftmax), the
+functions and methods ``+`` / ``torch.add`` / ``.add`` of two tensors of one shape (the residual
+add), ``torch.relu`` / ``F.relu`` / ``.relu()``, ``torch.flatten(x, 1)`` / ``.flatten(1)`` and
 ``.mean((2, 3))`` (global average pool). Anything else -- ``torch.cat``, a multiplication, a
 parameter read directly, a conv/linear/BatchNorm called twice -- is refused with a
-:class:`~rso_ext.plan.PlanError` naming the module (and the fx node) where it happens.
+:class:`~rso_ext.fused.program.PlanError` naming the module (and the fx node) where it happens.
 
 For each unit the plan emits the program of its layer's sweep (csrc/core/program.h): op 0 the
 swept layer, then every node that depends on it, in execution order, joined by the Save / Load /
@@ -33,10 +33,9 @@ import torch.fx
 import torch.nn.functional as F
 from torch import nn
 
-from .plan import (ADD, AVGPOOL, BN, CONV, FLATTEN, GAP, INPUT, LINEAR, LOAD, MAXPOOL, RELU,
-                   SAVE, UNIT_BETA, UNIT_BIAS, UNIT_GAMMA, UNIT_WEIGHT, PlanError, Step,
-                   _lower_child, owning_layer)
-from .visit import MIXING, Unit
+from ..ops import ADD, BN, CONV, FLATTEN, GAP, INPUT, LINEAR, LOAD, RELU, SAVE, Program
+from ..visit import Unit
+from .program import PlanError, Step, UnitProgram, lower_module, owning_layer, unit_kind
 
 #: index of the model's input among node indices
 INPUT_NODE = -1
@@ -50,7 +49,7 @@ _OP_SET = ("Conv2d, Linear, BatchNorm, ReLU, MaxPool2d, AvgPool2d, AdaptiveAvgPo
 
 @dataclass
 class Node(Step):
-    """One op of the traced graph: a lowered :class:`~rso_ext.plan.Step` with its inputs
+    """One op of the traced graph: a lowered :class:`~rso_ext.fused.program.Step` with its inputs
     (node indices, :data:`INPUT_NODE` for the model's input) and its output shape on the
     sample batch. ``kind`` ADD: the sum of its two inputs."""
 
@@ -203,7 +202,7 @@ class GraphPlan:
                                     "run once (use backend='torch' for shared weights)")
                 called.add(id(m))
             last = list(node.users) == [out_node]
-            step = _lower_child(node.target, m, shape(i), last)
+            step = lower_module(node.target, m, shape(i), last)
             if step.kind is None:
                 return i                                   # identity during search
             return self._add(Node(step.name, m, step.kind, step.params, step.eps, inputs=[i]))
@@ -259,8 +258,9 @@ class GraphPlan:
         return self._add(Node(node.name, None, FLATTEN, inputs=[i]))
 
     def _check_channel_locality(self) -> None:
-        """As :meth:`rso_ext.plan.Plan._check_channel_locality`: a BatchNorm after flattening
-        a spatial map normalises each pixel of a channel separately; refuse it."""
+        """As :meth:`rso_ext.fused.lower_sequential.Plan._check_channel_locality`: a BatchNorm
+        after flattening a spatial map normalises each pixel of a channel separately; refuse
+        it."""
         flat: dict[int, bool] = {INPUT_NODE: False}
         for i, s in enumerate(self.steps):
             if s.kind in (CONV, LINEAR):
@@ -365,14 +365,14 @@ class GraphPlan:
                             "statistics during its sweep; the fused backend caches it")
         return _Analysis(d, unit_node, [d] + sorted(run), x_node, sorted(cached), batch)
 
-    def program(self, unit: Unit) -> dict:
-        """Arguments of the fused ops for sweeping ``unit`` (live views of the parameters),
-        plus ``start`` (the layer's node), ``x_node`` (the node whose value is ``X_d``) and
-        ``sides`` ((op index, node) pairs: op_tensors[4 * op] must be set to that node's value
-        over the pool before the program runs)."""
+    def program(self, unit: Unit) -> UnitProgram:
+        """The program of the fused ops for sweeping ``unit`` (live views of the parameters),
+        with ``start`` (the layer's node), ``x_node`` (the node whose value is ``X_d``) and
+        ``sides`` ((op index, node) pairs: ``program.tensors[4 * op]`` must be set to that
+        node's value over the pool before the program runs, :meth:`UnitProgram.with_sides`)."""
         return self._emit(unit)[0]
 
-    def _emit(self, unit: Unit) -> tuple[dict, list[int]]:
+    def _emit(self, unit: Unit) -> tuple[UnitProgram, list[int]]:
         """The program of :meth:`program` and the nodes it keeps in slots."""
         an = self._analyse(unit)
         steps, order = self.steps, an.order
@@ -432,13 +432,8 @@ class GraphPlan:
                 emit(SAVE, (slot[n], 0, 0, 0))
         if last != self.output:
             make_current(self.output)
-        if isinstance(unit.module, MIXING):
-            unit_kind = UNIT_WEIGHT if unit.param_name == "weight" else UNIT_BIAS
-        else:
-            unit_kind = UNIT_GAMMA if unit.param_name == "weight" else UNIT_BETA
-        prog = dict(start=an.d, x_node=an.x_node, sides=sides, op_kinds=kinds,
-                    op_params=params, op_eps=eps, op_tensors=tensors, unit_kind=unit_kind,
-                    unit_op=unit_op)
+        prog = UnitProgram(Program(kinds, params, eps, tensors), unit_kind(unit), unit_op,
+                           start=an.d, x_node=an.x_node, sides=tuple(sides))
         return prog, list(slot)
 
     def side_widths(self, unit: Unit) -> tuple[int, int]:
@@ -469,6 +464,3 @@ class GraphPlan:
                     del env[j]
         return {n: env[n] for n in nodes}
 
-
-def lower_graph(model: nn.Module, sample: torch.Tensor) -> GraphPlan:
-    return GraphPlan(model, sample)
