@@ -25,8 +25,8 @@ RESULT = "result.json"
 
 # What `python -m rso_ext train` runs with no other argument: paper_mnist on the embedded MNIST
 # subset, sized to finish in a few minutes on a 2-core CPU (README.md gives the accuracy reached).
-DEFAULTS = dict(model="paper_mnist", data="mnist", data_root=None, download=False, cycles=2,
-                batch_size=64, train_size=None, val_size=1000, normalize="mean",
+DEFAULTS = dict(model="paper_mnist", data="mnist", data_root=None, download=False, cycles=5,
+                batch_size=128, train_size=None, val_size=1000, normalize="mean",
                 sampler="shuffle", alpha=0.1, weight_decay=1e-4, sigma="he", sample_scale=1.0,
                 calib_size=2000, device="cpu", backend="auto", pool_size=None, seed=0, threads=None,
                 method="rso", generations=None, population=None, noise=None, lr=None,

@@ -1,5 +1,5 @@
 // The fused candidate evaluation of a residual network: programs with Save/Load/Input/Add ops
-// (program.h), which the planner emits for models that are not a plain chain (rso_ext/plan.py,
+// (program.h), which the planner emits for models that are not a plain chain (rso_ext/fused/lower_graph.py,
 // GraphPlan). Device-generic: ATen calls and the program passes of program.cpp, so the CPU
 // and CUDA backends share it; Sequential programs never come here (fused.cpp, evaluate).
 //

@@ -1,5 +1,5 @@
 // A lowered network suffix: the swept layer (op 0) and every op after it, as the
-// Python planner (rso_ext/plan.py) encodes it, and the dense/single-channel passes the
+// Python planner (rso_ext/fused/) encodes it, and the dense/single-channel passes the
 // fused candidate evaluation runs over it.
 //
 // Encoding (one entry per op, 4 integer params and 4 optional tensors per op):
