@@ -51,7 +51,8 @@ import torch
 from torch import nn
 
 from . import schedule
-from .methods.base import check_choice, check_range, draw_batch
+from .checks import check_choice, check_generator, check_int, check_pool_and_batch, check_range
+from .methods.base import draw_batch
 from .methods.es import check_es, draw_noise, es_direction, es_update
 from .methods.ga import check_ga, default_parents, initial_population, next_generation
 from .methods.sa import SCHEDULES as SA_SCHEDULES
@@ -113,18 +114,8 @@ class _GradientFree(torch.optim.Optimizer):
 
     def __init__(self, params, defaults: Dict[str, Any], pool_size: Optional[int],
                  batch_size: Optional[int], generator: Optional[torch.Generator]) -> None:
-        if (pool_size is None) != (batch_size is None):
-            raise ValueError("pool_size and batch_size go together: give both (the closure gets "
-                             "minibatch indices) or neither (the closure takes no argument)")
-        if pool_size is not None:
-            if not isinstance(pool_size, int) or pool_size < 1:
-                raise ValueError(f"pool_size must be an int >= 1, got {pool_size!r}")
-            if not isinstance(batch_size, int) or not 1 <= batch_size <= pool_size:
-                raise ValueError(f"batch_size must be an int in [1, pool_size={pool_size}], got "
-                                 f"{batch_size!r}")
-        if generator is not None and generator.device.type != "cpu":
-            raise ValueError(f"generator must be a CPU torch.Generator, got one on "
-                             f"{generator.device}")
+        check_pool_and_batch(pool_size, batch_size)
+        check_generator(generator)
         super().__init__(params, defaults)
         self.pool_size, self.batch_size = pool_size, batch_size
         self.generator = generator if generator is not None else torch.Generator().manual_seed(0)
@@ -181,8 +172,7 @@ def _clone(obj, device=None):
 # -- per-weight methods ----------------------------------------------------------------------------
 class _PerWeight(_GradientFree):
     def __init__(self, params, defaults, cycles, sampler, pool_size, batch_size, generator):
-        if not isinstance(cycles, int) or cycles < 1:
-            raise ValueError(f"cycles must be an int >= 1, got {cycles!r}")
+        check_int("cycles", cycles, 1)
         check_choice("sampler", sampler, SAMPLERS)
         defaults = dict(defaults, cycles=cycles, sampler=sampler)
         super().__init__(params, defaults, pool_size, batch_size, generator)

@@ -7,8 +7,6 @@ on the weight's own minibatch; the lowest summed float64 cross-entropy wins and 
 from __future__ import annotations
 
 import logging
-import math
-import numbers
 import time
 from dataclasses import asdict, dataclass
 from typing import Any, Dict, Iterator, Optional
@@ -17,6 +15,8 @@ import torch
 from torch import nn
 
 from . import batchnorm, memory, schedule
+from .checks import (check_at_least, check_choice, check_finite_nonneg, check_generator,
+                     check_model, check_range, check_types)
 from .data import check_data, from_dataset
 from .evaluate import make_evaluator
 from .fused import CacheStore, FusedSweeper
@@ -83,47 +83,30 @@ class RSO:
                  bn_sigma: float = schedule.BN_SIGMA, calib_size: int = 2000,
                  generator: Optional[torch.Generator] = None, backend: str = "auto",
                  pool_size: Optional[int] = None, memory_limit: Optional[int] = None) -> None:
-        if not isinstance(model, nn.Module):
-            raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
-        if next(model.parameters(), None) is None:
-            raise TypeError(f"the model ({type(model).__name__}) has no parameters to train")
-        _check_types(cycles=(cycles, int), batch_size=(batch_size, int),
-                     calib_size=(calib_size, int), alpha=(alpha, float),
-                     weight_decay=(weight_decay, float), sample_scale=(sample_scale, float),
-                     bn_sigma=(bn_sigma, float), sampler=(sampler, str), sigma=(sigma, str),
-                     backend=(backend, str))
+        check_model(model)
+        check_types(cycles=(cycles, int), batch_size=(batch_size, int),
+                    calib_size=(calib_size, int), alpha=(alpha, float),
+                    weight_decay=(weight_decay, float), sample_scale=(sample_scale, float),
+                    bn_sigma=(bn_sigma, float), sampler=(sampler, str), sigma=(sigma, str),
+                    backend=(backend, str))
         if pool_size is not None:
-            _check_types(pool_size=(pool_size, int))
+            check_types(pool_size=(pool_size, int))
         if memory_limit is not None:
-            _check_types(memory_limit=(memory_limit, int))
-            if memory_limit < 0:
-                raise ValueError(f"memory_limit must be >= 0 bytes, got {memory_limit}")
+            check_types(memory_limit=(memory_limit, int))
+            check_at_least("memory_limit", memory_limit, 0, " bytes")
         for name, v in (("sample_scale", sample_scale), ("bn_sigma", bn_sigma)):
-            if not (math.isfinite(v) and v >= 0):
-                raise ValueError(f"{name} must be a finite number >= 0, got {v}")
-        if cycles < 1:
-            raise ValueError(f"cycles must be >= 1, got {cycles}")
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        if not 0.0 <= alpha <= 1.0:
-            raise ValueError(f"alpha must be in [0, 1], got {alpha}")
-        if not 0.0 <= weight_decay < 1.0:
-            raise ValueError(f"weight_decay must be in [0, 1), got {weight_decay}")
-        if sampler not in SAMPLERS:
-            raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
-        if sigma not in schedule.SIGMA_MODES:
-            raise ValueError(f"sigma must be one of {schedule.SIGMA_MODES}, got {sigma!r}")
-        if calib_size < 1:
-            raise ValueError(f"calib_size must be >= 1, got {calib_size}")
+            check_finite_nonneg(name, v)
+        check_at_least("cycles", cycles, 1)
+        check_at_least("batch_size", batch_size, 1)
+        check_range("alpha", alpha, 0, 1)
+        check_range("weight_decay", weight_decay, 0, 1, hi_open=True)
+        check_choice("sampler", sampler, SAMPLERS)
+        check_choice("sigma", sigma, schedule.SIGMA_MODES)
+        check_at_least("calib_size", calib_size, 1)
         if pool_size is not None and pool_size < batch_size:
             raise ValueError(f"pool_size={pool_size} must be at least batch_size={batch_size}")
-        if backend not in BACKENDS:
-            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-        if generator is not None and not isinstance(generator, torch.Generator):
-            raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
-        if generator is not None and generator.device.type != "cpu":
-            raise ValueError("generator must be a CPU torch.Generator (the streams are drawn on "
-                             f"the CPU), got one on {generator.device}")
+        check_choice("backend", backend, BACKENDS)
+        check_generator(generator)
         self.model = model
         self.hparams = dict(cycles=cycles, batch_size=batch_size, alpha=alpha,
                             weight_decay=weight_decay, sampler=sampler, sigma=sigma,
@@ -374,17 +357,6 @@ class RSO:
     @property
     def done(self) -> bool:
         return self.cycle >= self.hparams["cycles"]
-
-
-def _check_types(**args: tuple[Any, type]) -> None:
-    """TypeError naming the argument when a value is not of the expected kind (a bool is not a
-    number; an integer is a float)."""
-    kinds = {int: (numbers.Integral, "an integer"), float: (numbers.Real, "a number"),
-             str: (str, "a string")}
-    for name, (value, kind) in args.items():
-        cls, what = kinds[kind]
-        if not isinstance(value, cls) or isinstance(value, bool):
-            raise TypeError(f"{name} must be {what}, got {value!r} ({type(value).__name__})")
 
 
 class _NoBar:

@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from .. import batchnorm, ops
+from ..checks import check_choice, check_generator, check_int, check_model, check_range  # noqa: F401
 from ..data import check_data, from_dataset
 from ..rso import RSO, _progress
 from ..sweep import Sweeper
@@ -49,25 +50,6 @@ def draw_batch(generator: torch.Generator, pool: int, batch_size: int) -> torch.
     """The minibatch of one generation/step: the first ``batch_size`` entries of a permutation of
     ``range(pool)`` drawn from ``generator`` (int64, CPU)."""
     return torch.randperm(pool, generator=generator)[:batch_size]
-
-
-def check_choice(name: str, value: Any, choices: Sequence[Any]) -> None:
-    if value not in choices:
-        raise ValueError(f"{name} must be one of {tuple(choices)}, got {value!r}")
-
-
-def check_range(name: str, value: float, lo: Optional[float] = None, hi: Optional[float] = None,
-                lo_open: bool = False, hi_open: bool = False) -> None:
-    ok = isinstance(value, (int, float)) and value == value
-    if ok and lo is not None:
-        ok = value > lo if lo_open else value >= lo
-    if ok and hi is not None:
-        ok = value < hi if hi_open else value <= hi
-    if not ok:
-        left = "(" if lo_open else "["
-        right = ")" if hi_open else "]"
-        raise ValueError(f"{name} must be in {left}{'-inf' if lo is None else lo}, "
-                         f"{'inf' if hi is None else hi}{right}, got {value!r}")
 
 
 # -- per-weight methods ---------------------------------------------------------------------------
@@ -265,16 +247,12 @@ class PopulationMethod:
                  population: int, params: ParamSpec = "all", calib_size: int = 2000,
                  generator: Optional[torch.Generator] = None, vectorize: bool = True,
                  **hparams: Any) -> None:
-        if not isinstance(model, nn.Module):
-            raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+        check_model(model)
         for name, v in (("cycles", cycles), ("generations", generations),
                         ("batch_size", batch_size), ("population", population),
                         ("calib_size", calib_size)):
-            if not isinstance(v, int) or v < 1:
-                raise ValueError(f"{name} must be an int >= 1, got {v!r}")
-        if generator is not None and generator.device.type != "cpu":
-            raise ValueError("generator must be a CPU torch.Generator, got one on "
-                             f"{generator.device}")
+            check_int(name, v, 1)
+        check_generator(generator)
         if not (callable(params) or isinstance(params, (str, list, tuple))):
             raise TypeError(f"params must be a string, a list of names or a callable, got "
                             f"{type(params).__name__}")

@@ -27,7 +27,8 @@ from typing import Optional
 import torch
 from torch import nn
 
-from .base import PopulationMethod, check_range, draw_batch
+from ..checks import check_range
+from .base import PopulationMethod, draw_batch
 
 
 #: names built as ``ng.families.ParametrizedCMA(popsize=population, diagonal=...)``

@@ -23,7 +23,8 @@ from typing import Any, Dict, Optional
 import torch
 from torch import nn
 
-from .base import PopulationMethod, check_choice, check_range, draw_batch
+from ..checks import check_choice, check_range
+from .base import PopulationMethod, draw_batch
 
 OPTIMIZERS = ("adam", "sgd")
 

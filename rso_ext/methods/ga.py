@@ -22,7 +22,8 @@ from typing import Optional
 import torch
 from torch import nn
 
-from .base import PopulationMethod, check_range, draw_batch
+from ..checks import check_int, check_range
+from .base import PopulationMethod, draw_batch
 
 
 def initial_population(theta: torch.Tensor, population: int, sigma: float,
@@ -50,13 +51,9 @@ def default_parents(population: int) -> int:
 
 
 def check_ga(population: int, elite: int, parents: int, sigma: float) -> None:
-    if not isinstance(population, int) or population < 2:
-        raise ValueError(f"population must be an int >= 2, got {population!r}")
-    if not isinstance(elite, int) or not 0 <= elite < population:
-        raise ValueError(f"elite must be an int in [0, population={population}), got {elite!r}")
-    if not isinstance(parents, int) or not 1 <= parents <= population:
-        raise ValueError(f"parents must be an int in [1, population={population}], got "
-                         f"{parents!r}")
+    check_int("population", population, 2)
+    check_int("elite", elite, 0, population, hi_open=True, hi_name=f"population={population}")
+    check_int("parents", parents, 1, population, hi_name=f"population={population}")
     check_range("sigma", sigma, 0.0, lo_open=True)
 
 

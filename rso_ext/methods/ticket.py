@@ -39,7 +39,8 @@ from torch import nn
 from ..rso import SweepStats
 from ..sweep import non_finite
 from ..visit import MIXING, Unit
-from .base import PerWeightMethod, check_choice, check_range
+from ..checks import check_choice, check_range
+from .base import PerWeightMethod
 
 SCHEDULES = ("constant", "linear")
 INITS = ("model", "signed_constant")
