@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import asdict, dataclass
-from typing import Any, Dict, Iterator, Optional
+from typing import Any, Dict, Optional
 
 import torch
 from torch import nn
 
 from . import batchnorm, memory, schedule
+from .contract import Method, Stats, check_hparams, progress_bar, register
 from .checks import (check_at_least, check_choice, check_finite_nonneg, check_generator,
                      check_model, check_range, check_types)
 from .data import check_data, from_dataset
@@ -31,25 +31,13 @@ BACKENDS = ("auto", "fused", "torch")
 STATE_FORMAT = 1
 
 
-@dataclass
-class SweepStats:
-    """What one sweep over one unit (a parameter tensor) did."""
-
-    cycle: int            # 0-based
-    unit: int             # index of the unit in visiting order
-    layer: str            # "module.param"
-    weights: int          # weights visited
-    accepted: int         # visits where a perturbed candidate won
-    mean_loss: float      # mean over visits of the winning summed loss / batch size
-    sigma: float          # annealed sigma used for this sweep
-    seconds: float
-    cycle_done: bool      # last unit of the cycle
-
-    def as_dict(self) -> Dict[str, Any]:
-        return asdict(self)
+#: the statistics of a unit sweep: the one :class:`rso_ext.contract.Stats` of every method (the
+#: old name, kept)
+SweepStats = Stats
 
 
-class RSO:
+@register
+class RSO(Method):
     """Random search optimisation of ``model``'s conv/linear/BatchNorm parameters.
 
     Args:
@@ -76,6 +64,14 @@ class RSO:
             available (:mod:`rso_ext.memory`). A sweep whose estimated caches exceed it stops
             with :class:`rso_ext.memory.InsufficientMemoryError` before it starts.
     """
+
+    method = "rso"
+    summary = "random search: each weight tries {w', w'+d, w'-d} and keeps the lowest loss"
+    kind = "per-weight"
+    cli_options = {o: o for o in ("cycles", "batch_size", "calib_size", "alpha", "weight_decay",
+                                  "sampler", "sigma", "sample_scale", "backend", "pool_size")}
+    #: candidates evaluated per visited weight (for the evaluation count)
+    candidates = 3
 
     def __init__(self, model: nn.Module, *, cycles: int = 50, batch_size: int = 5000,
                  alpha: float = 0.1, weight_decay: float = 1e-4, sampler: str = "shuffle",
@@ -115,6 +111,7 @@ class RSO:
         self.generator = generator if generator is not None else torch.Generator().manual_seed(0)
         self.cycle = 0
         self.unit = 0
+        self.evaluations = 0
         self.calib_idx: Optional[torch.Tensor] = None
         self.units: Optional[list[Unit]] = None
         self.sigma0: Optional[list[float]] = None
@@ -157,10 +154,6 @@ class RSO:
             n = min(self.hparams["calib_size"], len(x))
             self.calib_idx = torch.randperm(len(x), generator=self.generator)[:n]
 
-    @property
-    def device(self) -> torch.device:
-        return next(self.model.parameters()).device
-
     def _data(self, x, y) -> tuple[torch.Tensor, torch.Tensor]:
         if self.units is None:
             check_supported(self.model)            # name an unsupported module before any forward
@@ -190,37 +183,26 @@ class RSO:
                              f"{tuple(out.shape)}")
         return out.shape[1]
 
-    @property
-    def param_dtype(self) -> torch.dtype:
-        return next(self.model.parameters()).dtype
-
     # -- the search ---------------------------------------------------------------------------
-    def run(self, x, y: Optional[torch.Tensor] = None, *,
-            progress: bool = False) -> Iterator[SweepStats]:
-        """Run the remaining cycles on training data ``(x, y)`` (tensors) or on ``x`` alone as a
-        Dataset/DataLoader of (image, label) pairs. Yields one :class:`SweepStats` per unit sweep;
-        :meth:`state_dict` taken at a yield resumes right after that sweep."""
-        x, y = self._data(x, y)
-        self._prepare(x)
+    def _advance(self, x: torch.Tensor, y: torch.Tensor, progress: bool) -> Stats:
+        """Sweep the unit at the current position and move to the next."""
         assert self.units is not None and self.sigma0 is not None
-        cycles = self.hparams["cycles"]
-        bar = _progress(total=cycles * len(self.units), initial=self.cycle * len(self.units)
-                        + self.unit, desc="layers", enabled=progress)
-        try:
-            while self.cycle < cycles:
-                stats = self._sweep(self.unit, x, y, progress)
-                self.unit += 1
-                if self.unit == len(self.units):
-                    self.unit, self.cycle = 0, self.cycle + 1
-                bar.set_postfix(layer=stats.layer, loss=f"{stats.mean_loss:.4f}")
-                bar.update(1)
-                yield stats
-        finally:
-            bar.close()
+        stats = self._sweep(self.unit, x, y, progress)
+        self.unit += 1
+        if self.unit == len(self.units):
+            self.unit, self.cycle = 0, self.cycle + 1
+        return stats
+
+    def _progress(self) -> tuple[int, int, str]:
+        n = len(self.units)
+        return self.hparams["cycles"] * n, self.cycle * n + self.unit, "layers"
+
+    def _postfix(self, stats: Stats) -> Dict[str, str]:
+        return {"layer": stats.layer, "loss": f"{stats.mean_loss:.4f}"}
 
     def sweep_unit(self, index: int, x, y: Optional[torch.Tensor] = None, *,
                    weights: Optional[int] = None, sweeper: Optional[Sweeper] = None,
-                   progress: bool = False) -> SweepStats:
+                   progress: bool = False) -> Stats:
         """Sweep unit ``index`` once at the current cycle's sigma, drawing its streams from the
         generator, without moving the position; for experiments and benchmarks.
 
@@ -235,7 +217,7 @@ class RSO:
 
     @torch.no_grad()
     def _sweep(self, index: int, x: torch.Tensor, y: torch.Tensor, progress: bool,
-               weights: Optional[int] = None, sweeper: Optional[Sweeper] = None) -> SweepStats:
+               weights: Optional[int] = None, sweeper: Optional[Sweeper] = None) -> Stats:
         h = self.hparams
         t0 = time.perf_counter()
         unit = self.units[index]
@@ -252,7 +234,7 @@ class RSO:
         self._check_memory(unit, sweeper, x)
         with batchnorm.search_mode(self.model, self._order, unit.position):
             sweeper.begin(x, y)
-            bar = _progress(total=n, desc=unit.name, enabled=progress, leave=False)
+            bar = progress_bar(total=n, desc=unit.name, enabled=progress, leave=False)
             try:
                 accepted, loss_sum = sweeper.run(0, n, streams, 1.0 - h["weight_decay"],
                                                  tick=lambda k: bar.update(k - bar.n))
@@ -265,9 +247,12 @@ class RSO:
                 if self.plan is None or nxt == len(self.units) or \
                         self.plan.owner(self.units[nxt]) != self.plan.owner(unit):
                     self._caches.take()   # the next unit sweeps another layer: free them now
-        return SweepStats(self.cycle, index, unit.name, n, accepted,
-                          loss_sum / n / h["batch_size"], sigma, time.perf_counter() - t0,
-                          index == len(self.units) - 1)
+        self.evaluations += n * self.candidates * h["batch_size"]
+        return Stats(method=self.method, cycle=self.cycle, step=self.cycle * len(self.units) + index,
+                     layer=unit.name, evaluations=self.evaluations,
+                     mean_loss=loss_sum / n / h["batch_size"], sigma=sigma,
+                     seconds=time.perf_counter() - t0, cycle_done=index == len(self.units) - 1,
+                     unit=index, weights=n, accepted=accepted)
 
     def _check_memory(self, unit: Unit, sweeper: Sweeper, x: torch.Tensor) -> None:
         """Stop before a unit sweep whose caches would not fit in the device's memory."""
@@ -321,6 +306,7 @@ class RSO:
             "unit": self.unit,
             "sigma0": self.sigma0,
             "calib_idx": self.calib_idx,
+            "evaluations": self.evaluations,
             "hparams": dict(self.hparams),
         }
 
@@ -332,16 +318,13 @@ class RSO:
         if state["format"] != STATE_FORMAT:
             raise ValueError(f"RSO state format {state['format']} is not supported "
                              f"(this version reads format {STATE_FORMAT})")
-        diff = {k: (v, self.hparams.get(k)) for k, v in state["hparams"].items()
-                if self.hparams.get(k) != v}
-        if diff:
-            raise ValueError("the checkpoint was made with other hyperparameters "
-                             + ", ".join(f"{k}: saved {a!r} vs {b!r}" for k, (a, b) in diff.items()))
+        check_hparams(state["hparams"], self.hparams)
         self.model.load_state_dict(state["model"])
         self.generator.set_state(state["generator"])
         self.cycle, self.unit = int(state["cycle"]), int(state["unit"])
         self.sigma0 = state.get("sigma0")
         self.calib_idx = state.get("calib_idx")
+        self.evaluations = int(state.get("evaluations", 0))
 
     @property
     def backend(self) -> str:
@@ -353,27 +336,3 @@ class RSO:
         if self.plan is not None:
             return FusedSweeper(self.plan, unit, store=self._caches)
         return TorchSweeper(unit, make_evaluator(self.model, unit))
-
-    @property
-    def done(self) -> bool:
-        return self.cycle >= self.hparams["cycles"]
-
-
-class _NoBar:
-    n = 0
-
-    def update(self, n: int = 1) -> None:
-        pass
-
-    def set_postfix(self, **_: Any) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
-
-
-def _progress(total: int, desc: str, enabled: bool, initial: int = 0, leave: bool = True):
-    if not enabled:
-        return _NoBar()
-    from tqdm.auto import tqdm
-    return tqdm(total=total, initial=initial, desc=desc, leave=leave, dynamic_ncols=True)

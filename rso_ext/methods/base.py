@@ -23,8 +23,7 @@ forms make the same decisions on the same seed.
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass
-from typing import Any, Callable, Dict, Iterator, Optional, Sequence, Union
+from typing import Any, Callable, Dict, Optional, Sequence, Union
 
 import torch
 from torch import nn
@@ -32,7 +31,8 @@ from torch import nn
 from .. import batchnorm, ops
 from ..checks import check_choice, check_generator, check_int, check_model, check_range  # noqa: F401
 from ..data import check_data, from_dataset
-from ..rso import RSO, _progress
+from ..contract import Method, Stats, check_hparams
+from ..rso import RSO
 from ..sweep import Sweeper
 from ..visit import MIXING, NORM, Unit, execution_order
 
@@ -84,6 +84,7 @@ class PerWeightMethod(RSO):
     implement :meth:`_loop`, called once per unit sweep with the sweep's streams)."""
 
     method = ""
+    candidates = 2
 
     def __init__(self, model: nn.Module, **kwargs: Any) -> None:
         super().__init__(model, **kwargs)
@@ -129,7 +130,8 @@ class PerWeightMethod(RSO):
 
 
 # -- population methods ----------------------------------------------------------------------------
-def select_params(model: nn.Module, spec: ParamSpec, sample: torch.Tensor) -> list[str]:
+def select_params(model: nn.Module, spec: ParamSpec,
+                  sample: Optional[torch.Tensor] = None) -> list[str]:
     """Names (in ``named_parameters`` order) of the parameters ``spec`` selects:
 
     * ``"all"``; ``"bn"`` (every BatchNorm parameter); ``"last"`` (the parameters of the last
@@ -149,6 +151,9 @@ def select_params(model: nn.Module, spec: ParamSpec, sample: torch.Tensor) -> li
                 chosen |= {f"{mn}.{pn}" if mn else pn for mn, m in model.named_modules()
                            if isinstance(m, NORM) for pn, _ in m.named_parameters(recurse=False)}
             elif part == "last":
+                if sample is None:
+                    raise ValueError("params='last' needs the model's execution order: give "
+                                     "training data first (step, run or check)")
                 mix = [(n, m) for n, m in execution_order(model, sample) if isinstance(m, MIXING)]
                 if not mix:
                     raise ValueError("params='last': the model has no conv/linear layer")
@@ -214,34 +219,38 @@ class BatchedLoss:
         return torch.cat(out)
 
 
-@dataclass
-class GenerationStats:
-    """What one generation of a population method did."""
-
-    cycle: int              # 0-based
-    generation: int         # 0-based, counted over the whole run
-    evaluations: int        # sample-forward evaluations so far (members x minibatch size)
-    mean_loss: float        # mean over the population of the summed loss / batch size
-    best_loss: float        # lowest member loss / batch size
-    sigma: float            # perturbation scale used
-    seconds: float
-    cycle_done: bool        # last generation of the cycle
-
-    def as_dict(self) -> Dict[str, Any]:
-        return asdict(self)
+#: the statistics of a generation: the one :class:`rso_ext.contract.Stats` of every method (the
+#: old name, kept)
+GenerationStats = Stats
 
 
-class PopulationMethod:
+class PopulationMethod(Method):
     """Driver of a whole-network population search: ``cycles`` x ``generations`` generations, one
     fresh minibatch of ``batch_size`` training samples per generation (:func:`draw_batch`), the
     model holding the method's current solution after every generation.
 
-    The interface is :class:`rso_ext.RSO`'s: ``run(x, y)`` yields a :class:`GenerationStats` per
-    generation, ``state_dict()``/``load_state_dict()`` resume exactly, ``calibrate(x)`` prepares
-    the model for evaluation, ``cycle``/``unit`` (generation within the cycle) give the position.
-    Subclasses implement :meth:`_init_search`, :meth:`_generation`, :meth:`_search_state`."""
+    The contract is :class:`rso_ext.contract.Method`'s (a step is one generation;
+    ``cycle``/``unit`` give the position, ``unit`` being the generation within the cycle), plus
+    the ask/tell pair of the algorithm on flat parameter vectors (the selected parameters,
+    concatenated in ``named_parameters`` order, ``D`` entries)::
 
-    method = ""
+        thetas = search.ask()                  # [population, D], on the model's device and dtype
+        losses = search.evaluate(thetas, xb, yb)   # or any float64 [population]: lower is better
+        search.tell(losses)                    # one generation: search state and model updated
+
+    ``step()`` is exactly that on a minibatch drawn from the generator first (so ``ask``/``tell``
+    driven by hand with other data make the same updates, but the draws differ by the minibatch).
+    One ``tell`` per ``ask``; ``tell`` counts ``population x batch_size`` evaluations and moves the
+    position by one generation. The first ``ask`` sets the search up from the model's current
+    parameters (and may draw from the generator, as the first step does).
+
+    Subclasses implement :meth:`_init_search`, :meth:`_ask`, :meth:`_tell`,
+    :meth:`_search_state`, :meth:`_load_search_state`."""
+
+    kind = "population"
+    cli_options = {"cycles": "cycles", "batch_size": "batch_size", "calib_size": "calib_size",
+                   "generations": "generations", "population": "population", "noise": "sigma",
+                   "params": "params"}
 
     def __init__(self, model: nn.Module, *, cycles: int, generations: int, batch_size: int,
                  population: int, params: ParamSpec = "all", calib_size: int = 2000,
@@ -268,8 +277,10 @@ class PopulationMethod:
         self.evaluations = 0
         self.calib_idx: Optional[torch.Tensor] = None
         self.names: Optional[list[str]] = None
-        self.loss: Optional[BatchedLoss] = None
+        self.batched_loss: Optional[BatchedLoss] = None
+        self._sample: Optional[torch.Tensor] = None     # two training images, once seen
         self._initialised = False
+        self._asked = False
 
     # -- position -------------------------------------------------------------------------------
     @property
@@ -287,14 +298,6 @@ class PopulationMethod:
     @property
     def done(self) -> bool:
         return self.generation >= self.total_generations
-
-    @property
-    def device(self) -> torch.device:
-        return next(self.model.parameters()).device
-
-    @property
-    def param_dtype(self) -> torch.dtype:
-        return next(self.model.parameters()).dtype
 
     # -- data and set-up ---------------------------------------------------------------------------
     def _data(self, x, y) -> tuple[torch.Tensor, torch.Tensor]:
@@ -317,63 +320,132 @@ class PopulationMethod:
                              f"training set ({len(x)} samples)")
         return x.to(self.device, self.param_dtype), y.to(self.device)
 
-    def _prepare(self, x: torch.Tensor) -> None:
-        if self.names is None:
-            sample = x[:2]
-            self.names = select_params(self.model, self.params_spec, sample)
-            order = [m for _, m in execution_order(self.model, sample)]
-            self.loss = BatchedLoss(self.model, self.names, order,
-                                    vectorize=self.hparams["vectorize"])
-        if self.calib_idx is None:
-            self.calib_idx = spread_indices(len(x), self.hparams["calib_size"])
+    def _setup(self) -> None:
+        """The parameter selection and the search state (first use only; not after a resume)."""
+        self._setup_names()
         if not self._initialised:
             self._init_search()
             self._initialised = True
 
+    def _prepare(self, x: torch.Tensor) -> None:
+        self._see(x)
+        self._setup()
+        self._prepare_loss()
+        if self.calib_idx is None:
+            self.calib_idx = spread_indices(len(x), self.hparams["calib_size"])
+
+    def _see(self, x: torch.Tensor) -> None:
+        """Keep two images of the data (execution order, ``params="last"``)."""
+        if self._sample is None:
+            self._sample = x[:2].clone()
+
+    def _prepare_loss(self) -> None:
+        self._setup_names()
+        if self.batched_loss is None:
+            order = [m for _, m in execution_order(self.model, self._sample)]
+            self.batched_loss = BatchedLoss(self.model, self.names, order,
+                                            vectorize=self.hparams["vectorize"])
+
+    def check(self, x, y: Optional[torch.Tensor] = None) -> None:
+        """Raise now what :meth:`run` would raise before its first generation on ``(x, y)`` (bad
+        data, batch size, parameter selection), changing neither the weights nor the
+        generator."""
+        x, y = self._data(x, y)
+        self._see(x)
+        if self.names is None:
+            select_params(self.model, self.params_spec, self._sample)
+
     def theta(self) -> torch.Tensor:
         """The selected parameters as one flat vector (a copy)."""
+        self._setup_names()
         params = dict(self.model.named_parameters())
         return torch.cat([params[n].detach().reshape(-1) for n in self.names])
 
     @torch.no_grad()
     def write(self, theta: torch.Tensor) -> None:
         """Write a flat vector into the selected parameters of the model."""
+        self._setup_names()
         params = dict(self.model.named_parameters())
-        for n, t in self.loss.unflatten(theta).items():
-            params[n].copy_(t)
+        sizes = [params[n].numel() for n in self.names]
+        for n, t in zip(self.names, theta.split(sizes)):
+            params[n].copy_(t.view(params[n].shape))
+
+    def _setup_names(self) -> None:
+        if self.names is None:
+            self.names = select_params(self.model, self.params_spec, self._sample)
+
+    # -- ask / tell ----------------------------------------------------------------------------------
+    def ask(self) -> torch.Tensor:
+        """The parameter vectors of this generation's members, ``[population, D]`` (on the
+        model's device, in its dtype). Call :meth:`tell` with their losses next."""
+        if self.done:
+            raise RuntimeError(f"{type(self).__name__}: the search is done (all "
+                               f"{self.total_generations} generations have run)")
+        self._setup()
+        with torch.no_grad():
+            thetas = self._ask()
+        self._asked = True
+        return thetas
+
+    def tell(self, losses) -> None:
+        """Take the losses (float64 ``[population]``, lower is better; what :meth:`evaluate`
+        returns: summed over the minibatch) of the members of the last :meth:`ask`, update the
+        search state, write the current solution into the model and move to the next
+        generation."""
+        if not self._asked:
+            raise RuntimeError(f"{type(self).__name__}.tell() without ask(): ask for the "
+                               "members first")
+        p = self.hparams["population"]
+        losses = torch.as_tensor(losses, dtype=torch.float64)
+        if losses.shape != (p,):
+            raise ValueError(f"tell() takes one loss per member: shape ({p},), got "
+                             f"{tuple(losses.shape)}")
+        with torch.no_grad():
+            self._tell(losses)
+        self._asked = False
+        self.evaluations += p * self.hparams["batch_size"]
+        self.generation += 1
+
+    def evaluate(self, thetas: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """float64 ``[P]``: the summed loss of each member of ``thetas`` on ``(x, y)`` (tensors on
+        the model's device), all in one batched forward (:class:`BatchedLoss`)."""
+        if self.batched_loss is None:
+            self._see(x)
+            self._prepare_loss()
+        return self.batched_loss(thetas, x, y)
 
     # -- the search --------------------------------------------------------------------------------
-    def run(self, x, y: Optional[torch.Tensor] = None, *,
-            progress: bool = False) -> Iterator[GenerationStats]:
-        """Run the remaining generations on ``(x, y)`` (or a Dataset/DataLoader ``x``); yields one
-        :class:`GenerationStats` per generation; :meth:`state_dict` taken at a yield resumes right
-        after that generation."""
-        x, y = self._data(x, y)
-        self._prepare(x)
-        g = self.hparams["generations"]
-        bar = _progress(total=self.total_generations, initial=self.generation,
-                        desc=self.method or "generations", enabled=progress)
-        try:
-            while not self.done:
-                t0 = time.perf_counter()
-                cycle = self.cycle
-                with torch.no_grad():
-                    mean, best, sigma = self._generation(x, y)
-                self.evaluations += self.hparams["population"] * self.hparams["batch_size"]
-                self.generation += 1
-                stats = GenerationStats(cycle, self.generation - 1, self.evaluations, mean, best,
-                                        sigma, time.perf_counter() - t0, self.generation % g == 0)
-                bar.set_postfix(loss=f"{best:.4f}")
-                bar.update(1)
-                yield stats
-        finally:
-            bar.close()
+    def _advance(self, x: torch.Tensor, y: torch.Tensor, progress: bool) -> Stats:
+        """One generation: the minibatch, then ask, evaluate, tell."""
+        t0 = time.perf_counter()
+        cycle = self.cycle
+        h = self.hparams
+        with torch.no_grad():
+            idx = draw_batch(self.generator, len(x), h["batch_size"]).to(x.device)
+            thetas = self.ask()
+            losses = self.evaluate(thetas, x[idx], y[idx])
+            self.tell(losses)
+        b = h["batch_size"]
+        return Stats(method=self.method, cycle=cycle, step=self.generation - 1,
+                     layer=str(h["params"]), evaluations=self.evaluations,
+                     mean_loss=float(losses.mean()) / b, sigma=h["sigma"],
+                     seconds=time.perf_counter() - t0,
+                     cycle_done=self.generation % h["generations"] == 0,
+                     generation=self.generation - 1, best_loss=float(losses.min()) / b)
+
+    def _progress(self) -> tuple[int, int, str]:
+        return self.total_generations, self.generation, self.method or "generations"
+
+    def _postfix(self, stats: Stats) -> Dict[str, str]:
+        return {"loss": f"{stats.best_loss:.4f}"}
 
     def _init_search(self) -> None:
-        """Set up the search state from the model (first run only; not after a resume)."""
+        """Set up the search state from the model (first use only; not after a resume)."""
 
-    def _generation(self, x: torch.Tensor, y: torch.Tensor) -> tuple[float, float, float]:
-        """One generation; returns (mean loss, best loss, sigma) per sample."""
+    def _ask(self) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _tell(self, losses: torch.Tensor) -> None:
         raise NotImplementedError
 
     def _search_state(self) -> Dict[str, Any]:
@@ -417,17 +489,13 @@ class PopulationMethod:
         saved = state["hparams"].get("method")
         if saved != self.method:
             raise ValueError(f"the checkpoint was made by method {saved!r}, not {self.method!r}")
-        diff = {k: (v, self.hparams.get(k)) for k, v in state["hparams"].items()
-                if self.hparams.get(k) != v}
-        if diff:
-            raise ValueError("the checkpoint was made with other hyperparameters "
-                             + ", ".join(f"{k}: saved {a!r} vs {b!r}"
-                                         for k, (a, b) in diff.items()))
+        check_hparams(state["hparams"], self.hparams)
         self.model.load_state_dict(state["model"])
         self.generator.set_state(state["generator"])
         self.generation = int(state["generation"])
         self.evaluations = int(state.get("evaluations", 0))
         self.calib_idx = state.get("calib_idx")
+        self._asked = False
         if state.get("search") is not None:
             self._load_search_state(state["search"])
             self._initialised = True

@@ -28,7 +28,8 @@ import torch
 from torch import nn
 
 from ..checks import check_range
-from .base import PopulationMethod, draw_batch
+from ..contract import register
+from .base import PopulationMethod
 
 
 #: names built as ``ng.families.ParametrizedCMA(popsize=population, diagonal=...)``
@@ -44,6 +45,7 @@ def import_nevergrad():
     return ng
 
 
+@register
 class DFO(PopulationMethod):
     """Derivative-free optimisation of a parameter subset with nevergrad (ask/tell, batched).
 
@@ -58,6 +60,7 @@ class DFO(PopulationMethod):
     """
 
     method = "dfo"
+    summary = "nevergrad optimiser (CMA by default) on a parameter subset (--params), ask/tell"
 
     def __init__(self, model: nn.Module, *, cycles: int = 10, generations: int = 50,
                  batch_size: int = 256, population: int = 20, params="bn+last",
@@ -71,6 +74,7 @@ class DFO(PopulationMethod):
                          generator=generator, vectorize=vectorize, optimizer=optimizer,
                          sigma=sigma)
         self.optimizer = None
+        self._cands = None
 
     def _init_search(self) -> None:
         ng = import_nevergrad()
@@ -96,25 +100,24 @@ class DFO(PopulationMethod):
             parametrization=param, budget=self.total_generations * h["population"],
             num_workers=h["population"])
 
-    def _generation(self, x, y):
-        h = self.hparams
-        idx = draw_batch(self.generator, len(x), h["batch_size"]).to(x.device)
+    def _ask(self) -> torch.Tensor:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")         # cma's chatty TPA consistency warnings
-            return self._step(x, y, idx)
-
-    def _step(self, x, y, idx):
-        h = self.hparams
-        cands = [self.optimizer.ask() for _ in range(h["population"])]
-        thetas = torch.stack([torch.from_numpy(c.value) for c in cands]).to(
+            self._cands = [self.optimizer.ask() for _ in range(self.hparams["population"])]
+        return torch.stack([torch.from_numpy(c.value) for c in self._cands]).to(
             self.device, self.param_dtype)
-        losses = self.loss(thetas, x[idx], y[idx])
-        b = h["batch_size"]
-        for c, loss in zip(cands, (losses / b).tolist()):
-            self.optimizer.tell(c, loss)
-        rec = self.optimizer.provide_recommendation().value
+
+    def _tell(self, losses: torch.Tensor) -> None:
+        """Each candidate told its loss per sample (``losses / batch_size``), then the
+        optimizer's recommendation written into the model."""
+        b = self.hparams["batch_size"]
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            for c, loss in zip(self._cands, (losses / b).tolist()):
+                self.optimizer.tell(c, loss)
+            rec = self.optimizer.provide_recommendation().value
+        self._cands = None
         self.write(torch.from_numpy(rec).to(self.device, self.param_dtype))
-        return float(losses.mean()) / b, float(losses.min()) / b, h["sigma"]
 
     def _search_state(self):
         return {"optimizer": pickle.dumps(self.optimizer)}

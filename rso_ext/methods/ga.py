@@ -17,13 +17,14 @@ every new minibatch. :class:`rso_ext.optim.GeneticAlgorithm` uses the same funct
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Any, Dict, Mapping, Optional
 
 import torch
 from torch import nn
 
 from ..checks import check_int, check_range
-from .base import PopulationMethod, draw_batch
+from ..contract import register
+from .base import PopulationMethod
 
 
 def initial_population(theta: torch.Tensor, population: int, sigma: float,
@@ -57,6 +58,49 @@ def check_ga(population: int, elite: int, parents: int, sigma: float) -> None:
     check_range("sigma", sigma, 0.0, lo_open=True)
 
 
+class GAStrategy:
+    """The GA as ask/tell on flat vectors, holding no model: :meth:`start` makes the first
+    population from ``theta``; one generation is ``members = ask()``, then
+    ``best = tell(losses)`` (the best member of the generation told, to write into the model).
+
+    ``hparams`` is read at every call (``population``, ``elite``, ``parents``, ``sigma``):
+    :class:`GeneticAlgorithm` passes its ``hparams``, :class:`rso_ext.optim.GeneticAlgorithm` its
+    first param group. ``state["population"]`` is the ``[P, D]`` population; after :meth:`tell`,
+    :attr:`best_index` is the best member's row in the population told."""
+
+    def __init__(self, hparams: Mapping[str, Any], generator: torch.Generator,
+                 state: Optional[Dict[str, Any]] = None) -> None:
+        self.hparams, self.generator = hparams, generator
+        self.state: Dict[str, Any] = {} if state is None else state
+        self.best_index: Optional[int] = None
+
+    @property
+    def started(self) -> bool:
+        return self.state.get("population") is not None
+
+    def start(self, theta: torch.Tensor) -> None:
+        """The first population: ``theta`` and mutants of it (draws their noise)."""
+        h = self.hparams
+        self.state["population"] = initial_population(theta, h["population"], h["sigma"],
+                                                      self.generator)
+
+    def ask(self) -> torch.Tensor:
+        """The current population ``[P, D]``."""
+        if not self.started:
+            raise RuntimeError("GAStrategy.ask() before start(theta)")
+        return self.state["population"]
+
+    def tell(self, losses: torch.Tensor) -> torch.Tensor:
+        """Select and mutate on the members' ``losses``; returns the best member told."""
+        h = self.hparams
+        pop = self.state["population"]
+        new, best = next_generation(pop, losses, h["elite"], h["parents"], h["sigma"],
+                                    self.generator)
+        self.state["population"], self.best_index = new, best
+        return pop[best]
+
+
+@register
 class GeneticAlgorithm(PopulationMethod):
     """Truncation-selection GA with elitism and Gaussian mutation over the selected parameters.
 
@@ -67,9 +111,12 @@ class GeneticAlgorithm(PopulationMethod):
         sigma: mutation standard deviation (absolute, in weight units).
         cycles, generations, batch_size, params, calib_size, generator, vectorize: as for
             :class:`rso_ext.methods.EvolutionStrategy`.
+
+    ``ask()``/``tell(losses)``: :class:`GAStrategy` on the selected parameters.
     """
 
     method = "ga"
+    summary = "genetic algorithm: truncation selection, elitism, Gaussian mutation"
 
     def __init__(self, model: nn.Module, *, cycles: int = 10, generations: int = 50,
                  batch_size: int = 256, population: int = 50, elite: int = 1,
@@ -82,30 +129,28 @@ class GeneticAlgorithm(PopulationMethod):
                          population=population, params=params, calib_size=calib_size,
                          generator=generator, vectorize=vectorize, elite=elite,
                          parents=parents, sigma=sigma)
-        self.population: Optional[torch.Tensor] = None
+        self.strategy = GAStrategy(self.hparams, self.generator)
+
+    @property
+    def population(self) -> Optional[torch.Tensor]:
+        """The current population ``[P, D]`` (None before the search starts)."""
+        return self.strategy.state.get("population")
 
     def _init_search(self) -> None:
-        h = self.hparams
-        self.population = initial_population(self.theta(), h["population"], h["sigma"],
-                                             self.generator)
+        self.strategy.start(self.theta())
 
-    def _generation(self, x, y):
-        h = self.hparams
-        idx = draw_batch(self.generator, len(x), h["batch_size"]).to(x.device)
-        losses = self.loss(self.population, x[idx], y[idx])
-        pop, best = next_generation(self.population, losses, h["elite"], h["parents"],
-                                    h["sigma"], self.generator)
-        self.write(self.population[best])
-        self.population = pop
-        b = h["batch_size"]
-        return float(losses.mean()) / b, float(losses.min()) / b, h["sigma"]
+    def _ask(self) -> torch.Tensor:
+        return self.strategy.ask()
+
+    def _tell(self, losses: torch.Tensor) -> None:
+        self.write(self.strategy.tell(losses))
 
     def _search_state(self):
         return {"population": self.population.clone()}
 
     def _load_search_state(self, state):
-        self.population = state["population"].to(self.device)
+        self.strategy.state = {"population": state["population"].to(self.device)}
 
 
-__all__ = ["GeneticAlgorithm", "initial_population", "next_generation", "check_ga",
+__all__ = ["GeneticAlgorithm", "GAStrategy", "initial_population", "next_generation", "check_ga",
            "default_parents"]
