@@ -206,9 +206,12 @@ class Method(abc.ABC):
         """Restore a :meth:`state_dict`; the method and hyperparameters must match."""
 
 
-def check_hparams(saved: Mapping[str, Any], mine: Mapping[str, Any]) -> None:
-    """ValueError naming every hyperparameter of a checkpoint that differs from this object's."""
-    diff = {k: (v, mine.get(k)) for k, v in saved.items() if mine.get(k) != v}
+def check_hparams(saved: Mapping[str, Any], mine: Mapping[str, Any],
+                  always: tuple[str, ...] = ()) -> None:
+    """ValueError naming every hyperparameter of a checkpoint that differs from this object's
+    (those the checkpoint holds, and the ``always`` ones even where only one side has them)."""
+    keys = list(saved) + [k for k in always if k not in saved]
+    diff = {k: (saved.get(k), mine.get(k)) for k in keys if mine.get(k) != saved.get(k)}
     if diff:
         raise ValueError("the checkpoint was made with other hyperparameters "
                          + ", ".join(f"{k}: saved {a!r} vs {b!r}" for k, (a, b) in diff.items()))

@@ -2,7 +2,8 @@
 
 One cycle visits every unit of :func:`rso_ext.visit.visit_units` once. For each weight ``w`` of a
 unit: ``w' = w * (1 - weight_decay)``; the candidates ``{w', w' + delta, w' - delta}`` are evaluated
-on the weight's own minibatch; the lowest summed float64 cross-entropy wins and ties keep ``w'``.
+on the weight's own minibatch; the lowest summed loss wins (float64; by default the summed
+cross-entropy, see :mod:`rso_ext.losses`) and ties keep ``w'``.
 """
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from .checks import (check_at_least, check_choice, check_finite_nonneg, check_ge
                      check_model, check_range, check_types)
 from .data import check_data, from_dataset
 from .evaluate import make_evaluator
+from .losses import Loss, check_loss, describe, is_cross_entropy, resolve
 from .fused import CacheStore, FusedSweeper
 from .plan import Plan, PlanError, lower
 from .sweep import NonFiniteLossError, Sweeper, TorchSweeper
@@ -63,6 +65,10 @@ class RSO(Method):
         memory_limit: bytes a unit sweep may use on the device; default: what the device has
             available (:mod:`rso_ext.memory`). A sweep whose estimated caches exceed it stops
             with :class:`rso_ext.memory.InsufficientMemoryError` before it starts.
+        loss: the loss minimised, a callable ``(logits [K, B, C], target [B]) -> float64 [K]``
+            summed over the minibatch (:mod:`rso_ext.losses`); default: cross-entropy. The fused
+            backend computes cross-entropy only: with another loss ``backend="auto"`` runs on
+            torch (``backend_reason`` says so) and ``backend="fused"`` is refused.
     """
 
     method = "rso"
@@ -78,7 +84,8 @@ class RSO(Method):
                  sigma: str = "he", sample_scale: float = 1.0,
                  bn_sigma: float = schedule.BN_SIGMA, calib_size: int = 2000,
                  generator: Optional[torch.Generator] = None, backend: str = "auto",
-                 pool_size: Optional[int] = None, memory_limit: Optional[int] = None) -> None:
+                 pool_size: Optional[int] = None, memory_limit: Optional[int] = None,
+                 loss: Optional[Loss] = None) -> None:
         check_model(model)
         check_types(cycles=(cycles, int), batch_size=(batch_size, int),
                     calib_size=(calib_size, int), alpha=(alpha, float),
@@ -103,11 +110,18 @@ class RSO(Method):
             raise ValueError(f"pool_size={pool_size} must be at least batch_size={batch_size}")
         check_choice("backend", backend, BACKENDS)
         check_generator(generator)
+        check_loss(loss)
+        if backend == "fused" and not is_cross_entropy(loss):
+            raise ValueError(f"backend='fused' computes the summed cross-entropy only; "
+                             f"loss={describe(loss)} needs backend='torch' (or 'auto')")
         self.model = model
         self.hparams = dict(cycles=cycles, batch_size=batch_size, alpha=alpha,
                             weight_decay=weight_decay, sampler=sampler, sigma=sigma,
                             sample_scale=sample_scale, bn_sigma=bn_sigma, calib_size=calib_size,
                             backend=backend, pool_size=pool_size)
+        if not is_cross_entropy(loss):        # recorded only when not the default
+            self.hparams["loss"] = describe(loss)
+        self.loss = resolve(loss)
         self.generator = generator if generator is not None else torch.Generator().manual_seed(0)
         self.cycle = 0
         self.unit = 0
@@ -130,7 +144,11 @@ class RSO(Method):
             self._order = [m for _, m in execution_order(self.model, sample)]
             asked = self.hparams["backend"]
             self.backend_reason = "torch: asked for with backend='torch'"
-            if asked != "torch":
+            if asked != "torch" and "loss" in self.hparams:
+                self.backend_reason = (f"torch: loss={self.hparams['loss']} is not the "
+                                       "cross-entropy the fused kernels compute")
+                logger.info("rso_ext backend %s", self.backend_reason)
+            elif asked != "torch":
                 try:
                     plan = lower(self.model, sample)
                     if plan.dag:      # a traced graph: refuse a unit it cannot sweep now
@@ -248,8 +266,9 @@ class RSO(Method):
                         self.plan.owner(self.units[nxt]) != self.plan.owner(unit):
                     self._caches.take()   # the next unit sweeps another layer: free them now
         self.evaluations += n * self.candidates * h["batch_size"]
-        return Stats(method=self.method, cycle=self.cycle, step=self.cycle * len(self.units) + index,
-                     layer=unit.name, evaluations=self.evaluations,
+        return Stats(method=self.method, cycle=self.cycle,
+                     step=self.cycle * len(self.units) + index, layer=unit.name,
+                     evaluations=self.evaluations,
                      mean_loss=loss_sum / n / h["batch_size"], sigma=sigma,
                      seconds=time.perf_counter() - t0, cycle_done=index == len(self.units) - 1,
                      unit=index, weights=n, accepted=accepted)
@@ -318,7 +337,7 @@ class RSO(Method):
         if state["format"] != STATE_FORMAT:
             raise ValueError(f"RSO state format {state['format']} is not supported "
                              f"(this version reads format {STATE_FORMAT})")
-        check_hparams(state["hparams"], self.hparams)
+        check_hparams(state["hparams"], self.hparams, always=("loss",))
         self.model.load_state_dict(state["model"])
         self.generator.set_state(state["generator"])
         self.cycle, self.unit = int(state["cycle"]), int(state["unit"])
@@ -335,4 +354,4 @@ class RSO(Method):
         """The weight loop of this object's backend for ``unit``."""
         if self.plan is not None:
             return FusedSweeper(self.plan, unit, store=self._caches)
-        return TorchSweeper(unit, make_evaluator(self.model, unit))
+        return TorchSweeper(unit, make_evaluator(self.model, unit, self.loss))

@@ -1,13 +1,16 @@
 """The gradient-free family behind RSO's interface.
 
-| name     | class form (here)           | optimizer form (rso_ext.optim) | one step              | searches                                       |
-| -------- | --------------------------- | ------------------------------ | --------------------- | ---------------------------------------------- |
-| `rso`    | :class:`rso_ext.RSO`        | `RandomSearch` (alias `RSO`)   | a unit sweep          | each weight: {w', w'+d, w'-d}, lowest loss     |
-| `sa`     | :class:`SimulatedAnnealing` | `SimulatedAnnealing`           | a unit sweep          | each weight: {w', w'+d}, Metropolis acceptance |
-| `ticket` | :class:`TicketFinder`       | `TicketFinder`                 | a unit sweep          | a keep/prune mask over the initial weights     |
-| `es`     | :class:`EvolutionStrategy`  | `EvolutionStrategy`            | a generation          | whole network, antithetic ES, rank shaping     |
-| `ga`     | :class:`GeneticAlgorithm`   | `GeneticAlgorithm`             | a generation          | whole network, elitism + mutation              |
-| `dfo`    | :class:`DFO`                | (none)                         | a generation          | a parameter subset through nevergrad           |
+| name     | class form           | rso_ext.optim form      | step   | searches                           |
+| -------- | -------------------- | ----------------------- | ------ | ---------------------------------- |
+| `rso`    | `rso_ext.RSO`        | `RandomSearch` (`RSO`)  | sweep  | each weight: {w', w'+d, w'-d}      |
+| `sa`     | `SimulatedAnnealing` | `SimulatedAnnealing`    | sweep  | each weight {w', w'+d}, Metropolis |
+| `ticket` | `TicketFinder`       | `TicketFinder`          | sweep  | keep/prune mask on initial weights |
+| `es`     | `EvolutionStrategy`  | `EvolutionStrategy`     | gener. | whole network, antithetic ES       |
+| `ga`     | `GeneticAlgorithm`   | `GeneticAlgorithm`      | gener. | whole network, elitism + mutation  |
+| `dfo`    | `DFO`                | (none)                  | gener. | a parameter subset, nevergrad      |
+
+(a step: "sweep" is one unit sweep, every weight of one parameter tensor; "gener." one
+generation.)
 
 A name means the same method in both forms: the same decision code runs (the per-weight loops
 :class:`rso_ext.sweep.TorchSweeper`, :func:`sa.sa_loop`, :func:`ticket.ticket_loop`; the
@@ -38,6 +41,6 @@ from .es import EvolutionStrategy
 from .ga import GeneticAlgorithm
 from .dfo import DFO
 
-__all__ = ["METHODS", "from_config", "method_help", "takers", "Method", "Stats", "RSO", "SimulatedAnnealing",
-           "TicketFinder", "EvolutionStrategy", "GeneticAlgorithm", "DFO", "PerWeightMethod",
-           "PopulationMethod", "BatchedLoss", "GenerationStats", "select_params"]
+__all__ = ["METHODS", "from_config", "method_help", "takers", "Method", "Stats", "RSO",
+           "SimulatedAnnealing", "TicketFinder", "EvolutionStrategy", "GeneticAlgorithm", "DFO",
+           "PerWeightMethod", "PopulationMethod", "BatchedLoss", "GenerationStats", "select_params"]

@@ -28,9 +28,12 @@ from typing import Any, Callable, Dict, Optional, Sequence, Union
 import torch
 from torch import nn
 
-from .. import batchnorm, ops
-from ..checks import check_choice, check_generator, check_int, check_model, check_range  # noqa: F401
+from .. import batchnorm
+# check_choice and check_range were defined here before rso_ext.checks: importable as before
+from ..checks import (check_choice, check_generator, check_int, check_model,  # noqa: F401
+                      check_range)
 from ..data import check_data, from_dataset
+from ..losses import Loss, check_loss, describe, is_cross_entropy, resolve
 from ..contract import Method, Stats, check_hparams
 from ..rso import RSO
 from ..sweep import Sweeper
@@ -176,7 +179,8 @@ def select_params(model: nn.Module, spec: ParamSpec,
 
 
 class BatchedLoss:
-    """Summed float64 cross-entropy of a population of flat parameter vectors on one minibatch.
+    """The summed loss (float64; ``loss``, :mod:`rso_ext.losses`, by default cross-entropy) of a
+    population of flat parameter vectors on one minibatch.
 
     ``loss(thetas [P, D], x [B, ...], y [B]) -> float64 [P]``: member ``i`` is the model with the
     selected parameters (``names``, concatenated in that order) set to ``thetas[i]`` and every other
@@ -185,8 +189,10 @@ class BatchedLoss:
     ``vectorize=False`` loops over the members instead (for models ``vmap`` cannot run)."""
 
     def __init__(self, model: nn.Module, names: Sequence[str], order: Sequence[nn.Module],
-                 max_samples: int = 16384, vectorize: bool = True) -> None:
+                 max_samples: int = 16384, vectorize: bool = True,
+                 loss: Optional[Loss] = None) -> None:
         params = dict(model.named_parameters())
+        self.loss = resolve(loss)
         self.model, self.names, self.order = model, list(names), list(order)
         self.shapes = [params[n].shape for n in self.names]
         self.numels = [params[n].numel() for n in self.names]
@@ -215,7 +221,7 @@ class BatchedLoss:
                     logits = vmap(forward)(part)
                 else:
                     logits = torch.stack([forward(t) for t in part])
-                out.append(ops.candidate_cross_entropy(logits, y))
+                out.append(self.loss(logits, y))
         return torch.cat(out)
 
 
@@ -238,11 +244,13 @@ class PopulationMethod(Method):
         losses = search.evaluate(thetas, xb, yb)   # or any float64 [population]: lower is better
         search.tell(losses)                    # one generation: search state and model updated
 
-    ``step()`` is exactly that on a minibatch drawn from the generator first (so ``ask``/``tell``
-    driven by hand with other data make the same updates, but the draws differ by the minibatch).
-    One ``tell`` per ``ask``; ``tell`` counts ``population x batch_size`` evaluations and moves the
-    position by one generation. The first ``ask`` sets the search up from the model's current
-    parameters (and may draw from the generator, as the first step does).
+    ``step()`` is exactly that on a minibatch drawn from the generator after :meth:`start` and
+    before ``ask``: ``start(); idx = draw_batch(generator, N, batch_size); ask(); evaluate(...,
+    x[idx], y[idx]); tell(...)`` makes the same draws and updates as ``step(x, y)``. One ``tell``
+    per ``ask``; ``tell`` counts ``population x batch_size`` evaluations and moves the position by
+    one generation. :meth:`start` (called by the first ``ask``, ``step`` or ``run`` if not before)
+    sets the search up from the model's current parameters: the GA draws its first population,
+    DFO seeds and builds its optimizer.
 
     Subclasses implement :meth:`_init_search`, :meth:`_ask`, :meth:`_tell`,
     :meth:`_search_state`, :meth:`_load_search_state`."""
@@ -255,13 +263,14 @@ class PopulationMethod(Method):
     def __init__(self, model: nn.Module, *, cycles: int, generations: int, batch_size: int,
                  population: int, params: ParamSpec = "all", calib_size: int = 2000,
                  generator: Optional[torch.Generator] = None, vectorize: bool = True,
-                 **hparams: Any) -> None:
+                 loss: Optional[Loss] = None, **hparams: Any) -> None:
         check_model(model)
         for name, v in (("cycles", cycles), ("generations", generations),
                         ("batch_size", batch_size), ("population", population),
                         ("calib_size", calib_size)):
             check_int(name, v, 1)
         check_generator(generator)
+        check_loss(loss)
         if not (callable(params) or isinstance(params, (str, list, tuple))):
             raise TypeError(f"params must be a string, a list of names or a callable, got "
                             f"{type(params).__name__}")
@@ -272,6 +281,9 @@ class PopulationMethod(Method):
                             params=params if isinstance(params, str) else
                             (list(params) if not callable(params) else "<callable>"),
                             calib_size=calib_size, vectorize=vectorize, **hparams)
+        if not is_cross_entropy(loss):        # recorded only when not the default
+            self.hparams["loss"] = describe(loss)
+        self.loss = resolve(loss)
         self.generator = generator if generator is not None else torch.Generator().manual_seed(0)
         self.generation = 0
         self.evaluations = 0
@@ -320,6 +332,12 @@ class PopulationMethod(Method):
                              f"training set ({len(x)} samples)")
         return x.to(self.device, self.param_dtype), y.to(self.device)
 
+    def start(self) -> None:
+        """Set the search up from the model's current parameters, once (not after a resume):
+        the parameter selection, then the method's own state (which may draw from the
+        generator)."""
+        self._setup()
+
     def _setup(self) -> None:
         """The parameter selection and the search state (first use only; not after a resume)."""
         self._setup_names()
@@ -344,7 +362,7 @@ class PopulationMethod(Method):
         if self.batched_loss is None:
             order = [m for _, m in execution_order(self.model, self._sample)]
             self.batched_loss = BatchedLoss(self.model, self.names, order,
-                                            vectorize=self.hparams["vectorize"])
+                                            vectorize=self.hparams["vectorize"], loss=self.loss)
 
     def check(self, x, y: Optional[torch.Tensor] = None) -> None:
         """Raise now what :meth:`run` would raise before its first generation on ``(x, y)`` (bad
@@ -374,7 +392,7 @@ class PopulationMethod(Method):
         if self.names is None:
             self.names = select_params(self.model, self.params_spec, self._sample)
 
-    # -- ask / tell ----------------------------------------------------------------------------------
+    # -- ask / tell ------------------------------------------------------------------------------
     def ask(self) -> torch.Tensor:
         """The parameter vectors of this generation's members, ``[population, D]`` (on the
         model's device, in its dtype). Call :meth:`tell` with their losses next."""
@@ -489,7 +507,7 @@ class PopulationMethod(Method):
         saved = state["hparams"].get("method")
         if saved != self.method:
             raise ValueError(f"the checkpoint was made by method {saved!r}, not {self.method!r}")
-        check_hparams(state["hparams"], self.hparams)
+        check_hparams(state["hparams"], self.hparams, always=("loss",))
         self.model.load_state_dict(state["model"])
         self.generator.set_state(state["generator"])
         self.generation = int(state["generation"])

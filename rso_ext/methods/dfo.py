@@ -12,7 +12,7 @@ equal to ``population``, see :data:`CMA_POPSIZE_TIED`). One generation:
 
 1. the minibatch: ``draw_batch`` (first ``batch_size`` entries of ``randperm(N)``);
 2. ``population`` candidates asked, stacked into one ``[P, D]`` tensor and evaluated in one batched
-   forward (summed float64 cross-entropy); each told its per-sample mean loss;
+   forward (the summed float64 loss, cross-entropy by default); each told its per-sample mean loss;
 3. the optimizer's recommendation written into the model.
 
 nevergrad's own random state is a numpy ``RandomState`` seeded once from the generator
@@ -29,6 +29,7 @@ from torch import nn
 
 from ..checks import check_range
 from ..contract import register
+from ..losses import Loss
 from .base import PopulationMethod
 
 
@@ -55,7 +56,7 @@ class DFO(PopulationMethod):
             for up to a few hundred parameters; ``"DiagonalCMA"`` scales to many more).
         sigma: the initial mutation scale of the ``ng.p.Array``.
         population: candidates asked (and evaluated together) per generation.
-        cycles, generations, batch_size, calib_size, generator, vectorize: as for
+        cycles, generations, batch_size, calib_size, generator, vectorize, loss: as for
             :class:`rso_ext.methods.EvolutionStrategy`.
     """
 
@@ -65,14 +66,15 @@ class DFO(PopulationMethod):
     def __init__(self, model: nn.Module, *, cycles: int = 10, generations: int = 50,
                  batch_size: int = 256, population: int = 20, params="bn+last",
                  optimizer: str = "CMA", sigma: float = 0.1, calib_size: int = 2000,
-                 generator: Optional[torch.Generator] = None, vectorize: bool = True) -> None:
+                 generator: Optional[torch.Generator] = None, vectorize: bool = True,
+                 loss: Optional[Loss] = None) -> None:
         check_range("sigma", sigma, 0.0, lo_open=True)
         if not isinstance(optimizer, str):
             raise TypeError(f"optimizer must be a nevergrad optimizer name, got {optimizer!r}")
         super().__init__(model, cycles=cycles, generations=generations, batch_size=batch_size,
                          population=population, params=params, calib_size=calib_size,
-                         generator=generator, vectorize=vectorize, optimizer=optimizer,
-                         sigma=sigma)
+                         generator=generator, vectorize=vectorize, loss=loss,
+                         optimizer=optimizer, sigma=sigma)
         self.optimizer = None
         self._cands = None
 

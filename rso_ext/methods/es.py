@@ -25,6 +25,7 @@ from torch import nn
 
 from ..checks import check_choice, check_range
 from ..contract import register
+from ..losses import Loss
 from .base import PopulationMethod
 
 OPTIMIZERS = ("adam", "sgd")
@@ -130,7 +131,7 @@ class EvolutionStrategy(PopulationMethod):
         sigma: standard deviation of the perturbations (absolute, in weight units).
         lr: step size; ``optimizer``: ``"adam"`` or ``"sgd"``; ``weight_decay``: decoupled.
         params: which parameters to search (see :func:`rso_ext.methods.base.select_params`).
-        calib_size, generator: as for :class:`rso_ext.RSO`.
+        calib_size, generator, loss: as for :class:`rso_ext.RSO`.
 
     ``ask()``/``tell(losses)``: :class:`ESStrategy` on the selected parameters.
     """
@@ -143,12 +144,13 @@ class EvolutionStrategy(PopulationMethod):
                  batch_size: int = 256, population: int = 50, sigma: float = 0.02,
                  lr: float = 0.01, optimizer: str = "adam", weight_decay: float = 0.0,
                  params="all", calib_size: int = 2000,
-                 generator: Optional[torch.Generator] = None, vectorize: bool = True) -> None:
+                 generator: Optional[torch.Generator] = None, vectorize: bool = True,
+                 loss: Optional[Loss] = None) -> None:
         check_es(population, sigma, lr, weight_decay, optimizer)
         super().__init__(model, cycles=cycles, generations=generations, batch_size=batch_size,
                          population=population, params=params, calib_size=calib_size,
-                         generator=generator, vectorize=vectorize, sigma=sigma, lr=lr,
-                         optimizer=optimizer, weight_decay=weight_decay)
+                         generator=generator, vectorize=vectorize, loss=loss, sigma=sigma,
+                         lr=lr, optimizer=optimizer, weight_decay=weight_decay)
         self.strategy = ESStrategy(self.hparams, self.generator)
 
     @property

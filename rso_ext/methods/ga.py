@@ -6,7 +6,7 @@ as the model's parameters ``theta0`` (member 0) and ``P - 1`` mutants ``theta0 +
 One generation:
 
 1. the minibatch: ``draw_batch`` (first ``batch_size`` entries of ``randperm(N)``);
-2. every member's summed float64 cross-entropy on it, in one batched forward;
+2. every member's summed float64 loss on it (cross-entropy by default), in one batched forward;
 3. members sorted by loss (ties by index); the best one is written into the model;
 4. the ``elite`` best members pass unchanged; the other ``P - elite`` slots are children: a parent
    drawn uniformly among the ``parents`` best (``randint``), plus ``sigma * randn(P - elite, D)``.
@@ -24,6 +24,7 @@ from torch import nn
 
 from ..checks import check_int, check_range
 from ..contract import register
+from ..losses import Loss
 from .base import PopulationMethod
 
 
@@ -109,7 +110,7 @@ class GeneticAlgorithm(PopulationMethod):
             (0 <= elite < population); parents: the truncation size (1..population; default
             ``population // 5``).
         sigma: mutation standard deviation (absolute, in weight units).
-        cycles, generations, batch_size, params, calib_size, generator, vectorize: as for
+        cycles, generations, batch_size, params, calib_size, generator, vectorize, loss: as for
             :class:`rso_ext.methods.EvolutionStrategy`.
 
     ``ask()``/``tell(losses)``: :class:`GAStrategy` on the selected parameters.
@@ -122,13 +123,14 @@ class GeneticAlgorithm(PopulationMethod):
                  batch_size: int = 256, population: int = 50, elite: int = 1,
                  parents: Optional[int] = None, sigma: float = 0.01, params="all",
                  calib_size: int = 2000,
-                 generator: Optional[torch.Generator] = None, vectorize: bool = True) -> None:
+                 generator: Optional[torch.Generator] = None, vectorize: bool = True,
+                 loss: Optional[Loss] = None) -> None:
         parents = default_parents(population) if parents is None else parents
         check_ga(population, elite, parents, sigma)
         super().__init__(model, cycles=cycles, generations=generations, batch_size=batch_size,
                          population=population, params=params, calib_size=calib_size,
-                         generator=generator, vectorize=vectorize, elite=elite,
-                         parents=parents, sigma=sigma)
+                         generator=generator, vectorize=vectorize, loss=loss,
+                         elite=elite, parents=parents, sigma=sigma)
         self.strategy = GAStrategy(self.hparams, self.generator)
 
     @property

@@ -90,7 +90,7 @@ class SimulatedAnnealing(PerWeightMethod):
     """Simulated annealing of ``model``'s conv/linear/BatchNorm parameters, one weight at a time.
 
     Args (besides those of :class:`rso_ext.RSO`, which keep their meaning and defaults):
-        t0: temperature at the first cycle, in per-sample cross-entropy units (>= 0).
+        t0: temperature at the first cycle, in per-sample loss units (>= 0).
         t_final: temperature at the last cycle (>= 0; 0 with ``schedule="linear"`` ends greedy).
         schedule: ``"exp"`` (geometric) or ``"linear"``.
         backend: candidate evaluator, any backend of :class:`RSO` (default ``"auto"``: fused when the model lowers).

@@ -130,7 +130,7 @@ class TicketFinder(PerWeightMethod):
         schedule: ``"constant"`` (the target from the first sweep) or ``"linear"`` (ramped over the
             cycles), see the module documentation.
         init: ``"model"`` or ``"signed_constant"``.
-        sampler, calib_size, generator, backend, pool_size: as for :class:`rso_ext.RSO`
+        sampler, calib_size, generator, backend, pool_size, loss: as for :class:`rso_ext.RSO`
             (``backend`` defaults to ``"auto"``: fused when the model lowers).
     """
 
