@@ -186,7 +186,8 @@ def test_step_is_ask_evaluate_tell(name, data):
     a.step(x, y)
     a.step()
 
-    b.start()                                            # the first step sets up before drawing
+    b.check(x, y)                     # data seen (DFO's params="bn+last" needs the layer order)
+    b.start()                         # what the first step does before drawing its minibatch
     for _ in range(2):                                   # the same by hand on b
         idx = draw_batch(b.generator, len(x), b.hparams["batch_size"])
         thetas = b.ask()
