@@ -13,7 +13,12 @@ Two families:
   search a flat vector of (a subset of) the parameters. A population ``[P, D]`` is evaluated on one
   minibatch in one batched forward (:class:`BatchedLoss`: ``torch.func.functional_call`` + ``vmap``
   over the stacked parameters, on the model's device), with every BatchNorm on the statistics of
-  the minibatch and Dropout off, as during an RSO sweep.
+  the minibatch and Dropout off, as during an RSO sweep. A generation is ``ask()`` (the members),
+  their losses, ``tell(losses)``: the algorithms themselves are ask/tell objects on flat vectors
+  (:class:`rso_ext.methods.es.ESStrategy`, :class:`rso_ext.methods.ga.GAStrategy`, nevergrad's
+  optimizer for DFO), which the :mod:`rso_ext.optim` forms drive too.
+
+Both families follow :class:`rso_ext.contract.Method` and yield :class:`rso_ext.contract.Stats`.
 
 Both families take the BatchNorm calibration images without consuming the generator: the
 ``calib_size`` training images at evenly spaced positions (:func:`spread_indices`). That keeps the
