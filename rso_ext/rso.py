@@ -15,13 +15,13 @@ import torch
 from torch import nn
 
 from . import batchnorm, memory, schedule
-from .contract import Method, Stats, check_hparams, progress_bar, register
 from .checks import (check_at_least, check_choice, check_finite_nonneg, check_generator,
                      check_model, check_range, check_types)
+from .contract import Method, Stats, check_hparams, progress_bar, register
 from .data import check_data, from_dataset
 from .evaluate import make_evaluator
-from .losses import Loss, check_loss, describe, is_cross_entropy, resolve
 from .fused import CacheStore, FusedSweeper
+from .losses import Loss, check_loss, describe, is_cross_entropy, resolve
 from .plan import Plan, PlanError, lower
 from .sweep import NonFiniteLossError, Sweeper, TorchSweeper
 from .streams import SAMPLERS, SweepStreams
