@@ -13,7 +13,7 @@ from typing import Any, Sequence
 import torch
 
 from . import checkpoint, data, memory, metrics, models, runtime
-from .methods import METHODS, from_config
+from .methods import METHODS, Method, from_config, method_help, takers
 from .rso import BACKENDS, RSO
 from .sweep import NonFiniteLossError
 from .streams import SAMPLERS
@@ -69,20 +69,21 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--seed", type=int, default=DEFAULTS["seed"])
     t.add_argument("--threads", type=_positive_int, default=None, help="torch CPU threads")
     t.add_argument("--method", choices=sorted(METHODS), default=DEFAULTS["method"],
-                   help="rso (default), sa (simulated annealing), ticket (lottery-ticket mask "
-                        "search), es (evolution strategy), ga (genetic algorithm), dfo "
-                        "(nevergrad on --params); see rso_ext.methods")
+                   help=method_help(DEFAULTS["method"]) + "; see rso_ext.methods")
+    # which methods take each option: from the registry (each class's cli_options)
     m = t.add_argument_group("method options (default: the method's own)")
     m.add_argument("--generations", type=_positive_int, default=None,
-                   help="es/ga/dfo: generations per cycle")
-    m.add_argument("--population", type=_positive_int, default=None, help="es/ga/dfo")
+                   help=f"{takers('generations')}: generations per cycle")
+    m.add_argument("--population", type=_positive_int, default=None, help=takers("population"))
     m.add_argument("--noise", type=float, default=None,
-                   help="es/ga/dfo: perturbation / mutation std")
-    m.add_argument("--lr", type=float, default=None, help="es: step size")
-    m.add_argument("--temperature", type=float, default=None, help="sa: first temperature")
-    m.add_argument("--sparsity", type=float, default=None, help="ticket: target sparsity")
+                   help=f"{takers('noise')}: perturbation / mutation std")
+    m.add_argument("--lr", type=float, default=None, help=f"{takers('lr')}: step size")
+    m.add_argument("--temperature", type=float, default=None,
+                   help=f"{takers('temperature')}: first temperature")
+    m.add_argument("--sparsity", type=float, default=None,
+                   help=f"{takers('sparsity')}: target sparsity")
     m.add_argument("--params", default=None,
-                   help="es/ga/dfo: parameters searched (all, bn, last, bn+last)")
+                   help=f"{takers('params')}: parameters searched (all, bn, last, bn+last)")
     t.add_argument("--out", default=None, help="run folder (default: runs/<model>-<time>)")
     t.add_argument("--resume", metavar="RUN_DIR", default=None,
                    help="continue the run in RUN_DIR exactly where it stopped")
@@ -123,17 +124,12 @@ def _load_data(cfg: dict[str, Any]) -> data.Splits:
     return splits
 
 
-def _build(cfg: dict[str, Any], device: str) -> RSO:
+def _build(cfg: dict[str, Any], device: str) -> Method:
     if device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("error: --device cuda was asked for but torch sees no CUDA GPU")
     gen = torch.Generator().manual_seed(cfg["seed"])
     model = models.get_model(cfg["model"], generator=gen).to(device)
-    if cfg.get("method", "rso") != "rso":
-        return from_config(cfg, model, gen)
-    return RSO(model, cycles=cfg["cycles"], batch_size=cfg["batch_size"], alpha=cfg["alpha"],
-               weight_decay=cfg["weight_decay"], sampler=cfg["sampler"], sigma=cfg["sigma"],
-               sample_scale=cfg["sample_scale"], calib_size=cfg["calib_size"], generator=gen,
-               backend=cfg["backend"], pool_size=cfg.get("pool_size"))
+    return from_config(cfg, model, gen)      # the class registered under cfg["method"]
 
 
 def _append_lines(path: Path, records: Sequence[dict]) -> None:

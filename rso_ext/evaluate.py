@@ -2,8 +2,9 @@
 checked against.
 
 For one weight, the K candidate values are written into the parameter one after another and the
-network is run on the weight's minibatch; the K logit sets go to the compiled summed float64
-cross-entropy op. Two evaluators compute the same losses:
+network is run on the weight's minibatch; the K logit sets go to the loss (``loss=``, the
+signature of :mod:`rso_ext.losses`; by default the compiled summed float64 cross-entropy op). The
+evaluators compute the same losses:
 
 * :class:`FullForward` runs the whole model per candidate (any ``nn.Module``);
 * :class:`CachedInput` (``nn.Sequential`` models whose visited module is a direct child) caches the
@@ -16,19 +17,22 @@ cross-entropy op. Two evaluators compute the same losses:
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import ops
+from .losses import Loss, resolve
 from .visit import MIXING, NORM, Unit
 
 
 class FullForward:
     """Whole-model forward per candidate."""
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, loss: Optional[Loss] = None) -> None:
         self.model = model
+        self.loss = resolve(loss)
 
     def begin(self, unit: Unit, x: torch.Tensor) -> None:
         self.unit, self.x = unit, x
@@ -42,7 +46,7 @@ class FullForward:
     @torch.no_grad()
     def losses(self, k: int, values: torch.Tensor, idx: torch.Tensor,
                target: torch.Tensor) -> torch.Tensor:
-        """float64 [K]: summed cross-entropy on minibatch ``idx`` with weight ``k`` of the unit set
+        """float64 [K]: the summed loss on minibatch ``idx`` with weight ``k`` of the unit set
         to each of ``values``. The weight is left at the last value: the caller writes the winner
         with :meth:`set`."""
         flat = self.unit.param.data.view(-1)
@@ -51,7 +55,7 @@ class FullForward:
         for v in values:
             flat[k] = v
             logits.append(self.forward(inp))
-        return ops.candidate_cross_entropy(torch.stack(logits), target)
+        return self.loss(torch.stack(logits), target)
 
     def set(self, k: int, value: torch.Tensor) -> None:
         """Write ``value`` as weight ``k`` of the unit (and keep any cache in step)."""
@@ -64,8 +68,9 @@ class FullForward:
 class CachedInput(FullForward):
     """Suffix forward from the cached input of the swept module (``nn.Sequential`` only)."""
 
-    def __init__(self, model: nn.Sequential, chunk: int = 1000) -> None:
-        super().__init__(model)
+    def __init__(self, model: nn.Sequential, chunk: int = 1000,
+                 loss: Optional[Loss] = None) -> None:
+        super().__init__(model, loss)
         self.children = list(model.children())
         self.chunk = chunk
 
@@ -130,7 +135,7 @@ class BatchedCandidates(CachedInput):
         h = self._swept(inp, values.to(self.unit.param.dtype), k)      # [K*B, ...]
         for m in self.rest:
             h = _grouped_batch_norm(m, h, K) if isinstance(m, NORM) else m(h)
-        return ops.candidate_cross_entropy(h.unflatten(0, (K, B)), target)
+        return self.loss(h.unflatten(0, (K, B)), target)
 
     def _swept(self, inp: torch.Tensor, values: torch.Tensor, k: int) -> torch.Tensor:
         m, p = self.unit.module, self.unit.param.data
@@ -192,6 +197,9 @@ def _grouped_batch_norm(bn: nn.Module, h: torch.Tensor, groups: int) -> torch.Te
     return torch.addcmul(shift, g, scale).flatten(0, 1)
 
 
-def make_evaluator(model: nn.Module, unit: Unit) -> FullForward:
-    """The cheapest exact torch evaluator for sweeping ``unit``."""
-    return CachedInput(model) if CachedInput.supports(model, unit) else FullForward(model)
+def make_evaluator(model: nn.Module, unit: Unit, loss: Optional[Loss] = None) -> FullForward:
+    """The cheapest exact torch evaluator for sweeping ``unit`` (``loss``: see
+    :mod:`rso_ext.losses`; default cross-entropy)."""
+    if CachedInput.supports(model, unit):
+        return CachedInput(model, loss=loss)
+    return FullForward(model, loss)

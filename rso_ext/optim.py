@@ -28,8 +28,13 @@ sets the length of the annealing and sparsity schedules (step ``s`` is cycle ``s
 :class:`EvolutionStrategy` and :class:`GeneticAlgorithm` one step is one generation over the
 concatenation of all parameters (hyperparameters are read from the first param group).
 
-**Matching the class forms.** The same functions decide in both forms, and the random draws come in
-the same order, so on the same seed (and ``pool_size`` = the training-set size) the optimizer and
+**Matching the class forms.** Each class here is the method of the same name in
+:mod:`rso_ext.methods` (``RandomSearch``, also named ``RSO``, is :class:`rso_ext.RSO`; the
+table is in :mod:`rso_ext.methods`, and each class's ``method`` is its registry name). The same
+code decides in both forms (the per-weight loops :class:`rso_ext.sweep.TorchSweeper`,
+:func:`rso_ext.methods.sa.sa_loop`, :func:`rso_ext.methods.ticket.ticket_loop`; ES and GA ask and
+tell through :class:`rso_ext.methods.es.ESStrategy` and :class:`rso_ext.methods.ga.GAStrategy`,
+on the concatenated parameters), and the random draws come in the same order, so on the same seed (and ``pool_size`` = the training-set size) the optimizer and
 class forms reach the same weights wherever the loss margins exceed float noise: pass the
 parameters in the class form's order (``visiting_order(model, sample)`` for the per-weight
 methods, which visit layers last to first; ``model.parameters()`` for ES/GA, whose vector follows
@@ -51,9 +56,10 @@ import torch
 from torch import nn
 
 from . import schedule
-from .methods.base import check_choice, check_range, draw_batch
-from .methods.es import check_es, draw_noise, es_direction, es_update
-from .methods.ga import check_ga, default_parents, initial_population, next_generation
+from .checks import check_choice, check_generator, check_int, check_pool_and_batch, check_range
+from .methods.base import draw_batch
+from .methods.es import ESStrategy, check_es
+from .methods.ga import GAStrategy, check_ga, default_parents
 from .methods.sa import SCHEDULES as SA_SCHEDULES
 from .methods.sa import sa_loop, temperature
 from .methods.ticket import INITS, SCHEDULES as TICKET_SCHEDULES
@@ -62,7 +68,7 @@ from .streams import SAMPLERS, SweepStreams
 from .sweep import TorchSweeper
 from .visit import MIXING, visit_units
 
-__all__ = ["RandomSearch", "SimulatedAnnealing", "TicketFinder", "EvolutionStrategy",
+__all__ = ["RandomSearch", "RSO", "SimulatedAnnealing", "TicketFinder", "EvolutionStrategy",
            "GeneticAlgorithm", "visiting_order"]
 
 
@@ -113,18 +119,8 @@ class _GradientFree(torch.optim.Optimizer):
 
     def __init__(self, params, defaults: Dict[str, Any], pool_size: Optional[int],
                  batch_size: Optional[int], generator: Optional[torch.Generator]) -> None:
-        if (pool_size is None) != (batch_size is None):
-            raise ValueError("pool_size and batch_size go together: give both (the closure gets "
-                             "minibatch indices) or neither (the closure takes no argument)")
-        if pool_size is not None:
-            if not isinstance(pool_size, int) or pool_size < 1:
-                raise ValueError(f"pool_size must be an int >= 1, got {pool_size!r}")
-            if not isinstance(batch_size, int) or not 1 <= batch_size <= pool_size:
-                raise ValueError(f"batch_size must be an int in [1, pool_size={pool_size}], got "
-                                 f"{batch_size!r}")
-        if generator is not None and generator.device.type != "cpu":
-            raise ValueError(f"generator must be a CPU torch.Generator, got one on "
-                             f"{generator.device}")
+        check_pool_and_batch(pool_size, batch_size)
+        check_generator(generator)
         super().__init__(params, defaults)
         self.pool_size, self.batch_size = pool_size, batch_size
         self.generator = generator if generator is not None else torch.Generator().manual_seed(0)
@@ -181,8 +177,7 @@ def _clone(obj, device=None):
 # -- per-weight methods ----------------------------------------------------------------------------
 class _PerWeight(_GradientFree):
     def __init__(self, params, defaults, cycles, sampler, pool_size, batch_size, generator):
-        if not isinstance(cycles, int) or cycles < 1:
-            raise ValueError(f"cycles must be an int >= 1, got {cycles!r}")
+        check_int("cycles", cycles, 1)
         check_choice("sampler", sampler, SAMPLERS)
         defaults = dict(defaults, cycles=cycles, sampler=sampler)
         super().__init__(params, defaults, pool_size, batch_size, generator)
@@ -225,6 +220,8 @@ class RandomSearch(_PerWeight):
     ``sigma="he"``: ``sqrt(2 / fan_in) * sample_scale`` for tensors of 2 or more dimensions,
     ``bn_sigma`` for 1-D tensors (BatchNorm gamma/beta, biases); or a float for every tensor."""
 
+    method = "rso"    # rso_ext.methods.METHODS['rso'] is the class form
+
     def __init__(self, params: Iterable, *, cycles: int = 50, alpha: float = 0.1,
                  weight_decay: float = 1e-4, sigma="he", sample_scale: float = 1.0,
                  bn_sigma: float = schedule.BN_SIGMA, sampler: str = "shuffle",
@@ -260,6 +257,8 @@ class SimulatedAnnealing(RandomSearch):
     over ``cycles``) on the per-sample loss change. ``reduction`` says how the closure reduces over
     the minibatch: ``"sum"`` (divided by ``batch_size`` here, as the class form does) or
     ``"mean"``."""
+
+    method = "sa"    # rso_ext.methods.METHODS['sa'] is the class form
 
     def __init__(self, params: Iterable, *, t0: float = 1e-3, t_final: float = 1e-5,
                  schedule: str = "exp", reduction: str = "mean", **kwargs: Any) -> None:
@@ -301,6 +300,8 @@ class TicketFinder(_PerWeight):
     loss, with a cap of ``1 - s_c`` kept entries per tensor after each step (``sparsity``,
     ``schedule`` over ``cycles``). Masks and initial values are in ``opt.masks()`` and the
     state."""
+
+    method = "ticket"    # rso_ext.methods.METHODS['ticket'] is the class form
 
     def __init__(self, params: Iterable, *, sparsity: float = 0.5, cycles: int = 5,
                  schedule: str = "constant", init: str = "model", sampler: str = "shuffle",
@@ -357,6 +358,8 @@ class EvolutionStrategy(_Population):
     ``population`` antithetic members ``theta + sigma * eps`` (one closure call each),
     centred-rank shaping, an Adam (or SGD) step of size ``lr``. Returns the mean member loss."""
 
+    method = "es"    # rso_ext.methods.METHODS['es'] is the class form
+
     def __init__(self, params: Iterable, *, population: int = 50, sigma: float = 0.02,
                  lr: float = 0.01, optimizer: str = "adam", weight_decay: float = 0.0,
                  pool_size: Optional[int] = None, batch_size: Optional[int] = None,
@@ -369,14 +372,11 @@ class EvolutionStrategy(_Population):
     @torch.no_grad()
     def step(self, closure=None):
         call = self._caller(closure)
-        g = self.param_groups[0]
+        strategy = ESStrategy(self.param_groups[0], self.generator, self.extra)
         theta = self._theta()
         idx = self._batch()
-        eps = draw_noise(self.generator, g["population"], len(theta)).to(theta.device,
-                                                                          theta.dtype)
-        losses = self._evaluate(theta + g["sigma"] * eps, call, idx)
-        d = es_direction(eps, losses, g["sigma"])
-        self._write(es_update(theta, d, self.extra, g["lr"], g["weight_decay"], g["optimizer"]))
+        losses = self._evaluate(strategy.ask(theta), call, idx)
+        self._write(strategy.tell(losses))
         self.steps += 1
         return losses.mean()
 
@@ -385,6 +385,8 @@ class GeneticAlgorithm(_Population):
     """The GA of :mod:`rso_ext.methods.ga` as an optimizer: one step = one generation (one closure
     call per member); the parameters hold the best member of the generation after the step, whose
     loss it returns."""
+
+    method = "ga"    # rso_ext.methods.METHODS['ga'] is the class form
 
     def __init__(self, params: Iterable, *, population: int = 50, elite: int = 1,
                  parents: Optional[int] = None, sigma: float = 0.01,
@@ -399,16 +401,15 @@ class GeneticAlgorithm(_Population):
     @torch.no_grad()
     def step(self, closure=None):
         call = self._caller(closure)
-        g = self.param_groups[0]
-        if "population" not in self.extra:
-            self.extra["population"] = initial_population(self._theta(), g["population"],
-                                                          g["sigma"], self.generator)
-        pop = self.extra["population"]
+        strategy = GAStrategy(self.param_groups[0], self.generator, self.extra)
+        if not strategy.started:
+            strategy.start(self._theta())
         idx = self._batch()
-        losses = self._evaluate(pop, call, idx)
-        new, best = next_generation(pop, losses, g["elite"], g["parents"], g["sigma"],
-                                    self.generator)
-        self._write(pop[best])
-        self.extra["population"] = new
+        losses = self._evaluate(strategy.ask(), call, idx)
+        self._write(strategy.tell(losses))
         self.steps += 1
-        return losses[best]
+        return losses[strategy.best_index]
+
+
+#: the optimizer form of :class:`rso_ext.RSO` under the class form's name
+RSO = RandomSearch

@@ -2,24 +2,26 @@
 
 One cycle visits every unit of :func:`rso_ext.visit.visit_units` once. For each weight ``w`` of a
 unit: ``w' = w * (1 - weight_decay)``; the candidates ``{w', w' + delta, w' - delta}`` are evaluated
-on the weight's own minibatch; the lowest summed float64 cross-entropy wins and ties keep ``w'``.
+on the weight's own minibatch; the lowest summed loss wins (float64; by default the summed
+cross-entropy, see :mod:`rso_ext.losses`) and ties keep ``w'``.
 """
 from __future__ import annotations
 
 import logging
-import math
-import numbers
 import time
-from dataclasses import asdict, dataclass
-from typing import Any, Dict, Iterator, Optional, Union
+from typing import Any, Dict, Optional, Union
 
 import torch
 from torch import nn
 
 from . import batchnorm, memory, schedule
+from .checks import (check_at_least, check_choice, check_finite_nonneg, check_generator,
+                     check_model, check_range, check_types)
+from .contract import Method, Stats, check_hparams, progress_bar, register
 from .data import check_data, from_dataset
 from .evaluate import make_evaluator
 from .fused import CacheStore, FusedSweeper, GraphPlan, Plan, PlanError, lower
+from .losses import Loss, check_loss, describe, is_cross_entropy, resolve
 from .sweep import NonFiniteLossError, Sweeper, TorchSweeper
 from .streams import SAMPLERS, SweepStreams
 from .visit import Unit, check_supported, execution_order, visit_units
@@ -30,25 +32,13 @@ BACKENDS = ("auto", "fused", "torch")
 STATE_FORMAT = 1
 
 
-@dataclass
-class SweepStats:
-    """What one sweep over one unit (a parameter tensor) did."""
-
-    cycle: int            # 0-based
-    unit: int             # index of the unit in visiting order
-    layer: str            # "module.param"
-    weights: int          # weights visited
-    accepted: int         # visits where a perturbed candidate won
-    mean_loss: float      # mean over visits of the winning summed loss / batch size
-    sigma: float          # annealed sigma used for this sweep
-    seconds: float
-    cycle_done: bool      # last unit of the cycle
-
-    def as_dict(self) -> Dict[str, Any]:
-        return asdict(self)
+#: the statistics of a unit sweep: the one :class:`rso_ext.contract.Stats` of every method (the
+#: old name, kept)
+SweepStats = Stats
 
 
-class RSO:
+@register
+class RSO(Method):
     """Random search optimisation of ``model``'s conv/linear/BatchNorm parameters.
 
     Args:
@@ -74,63 +64,67 @@ class RSO:
         memory_limit: bytes a unit sweep may use on the device; default: what the device has
             available (:mod:`rso_ext.memory`). A sweep whose estimated caches exceed it stops
             with :class:`rso_ext.memory.InsufficientMemoryError` before it starts.
+        loss: the loss minimised, a callable ``(logits [K, B, C], target [B]) -> float64 [K]``
+            summed over the minibatch (:mod:`rso_ext.losses`); default: cross-entropy. The fused
+            backend computes cross-entropy only: with another loss ``backend="auto"`` runs on
+            torch (``backend_reason`` says so) and ``backend="fused"`` is refused.
     """
+
+    method = "rso"
+    summary = "random search: each weight tries {w', w'+d, w'-d} and keeps the lowest loss"
+    kind = "per-weight"
+    cli_options = {o: o for o in ("cycles", "batch_size", "calib_size", "alpha", "weight_decay",
+                                  "sampler", "sigma", "sample_scale", "backend", "pool_size")}
+    #: candidates evaluated per visited weight (for the evaluation count)
+    candidates = 3
 
     def __init__(self, model: nn.Module, *, cycles: int = 50, batch_size: int = 5000,
                  alpha: float = 0.1, weight_decay: float = 1e-4, sampler: str = "shuffle",
                  sigma: str = "he", sample_scale: float = 1.0,
                  bn_sigma: float = schedule.BN_SIGMA, calib_size: int = 2000,
                  generator: Optional[torch.Generator] = None, backend: str = "auto",
-                 pool_size: Optional[int] = None, memory_limit: Optional[int] = None) -> None:
-        if not isinstance(model, nn.Module):
-            raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
-        if next(model.parameters(), None) is None:
-            raise TypeError(f"the model ({type(model).__name__}) has no parameters to train")
-        _check_types(cycles=(cycles, int), batch_size=(batch_size, int),
-                     calib_size=(calib_size, int), alpha=(alpha, float),
-                     weight_decay=(weight_decay, float), sample_scale=(sample_scale, float),
-                     bn_sigma=(bn_sigma, float), sampler=(sampler, str), sigma=(sigma, str),
-                     backend=(backend, str))
+                 pool_size: Optional[int] = None, memory_limit: Optional[int] = None,
+                 loss: Optional[Loss] = None) -> None:
+        check_model(model)
+        check_types(cycles=(cycles, int), batch_size=(batch_size, int),
+                    calib_size=(calib_size, int), alpha=(alpha, float),
+                    weight_decay=(weight_decay, float), sample_scale=(sample_scale, float),
+                    bn_sigma=(bn_sigma, float), sampler=(sampler, str), sigma=(sigma, str),
+                    backend=(backend, str))
         if pool_size is not None:
-            _check_types(pool_size=(pool_size, int))
+            check_types(pool_size=(pool_size, int))
         if memory_limit is not None:
-            _check_types(memory_limit=(memory_limit, int))
-            if memory_limit < 0:
-                raise ValueError(f"memory_limit must be >= 0 bytes, got {memory_limit}")
+            check_types(memory_limit=(memory_limit, int))
+            check_at_least("memory_limit", memory_limit, 0, " bytes")
         for name, v in (("sample_scale", sample_scale), ("bn_sigma", bn_sigma)):
-            if not (math.isfinite(v) and v >= 0):
-                raise ValueError(f"{name} must be a finite number >= 0, got {v}")
-        if cycles < 1:
-            raise ValueError(f"cycles must be >= 1, got {cycles}")
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        if not 0.0 <= alpha <= 1.0:
-            raise ValueError(f"alpha must be in [0, 1], got {alpha}")
-        if not 0.0 <= weight_decay < 1.0:
-            raise ValueError(f"weight_decay must be in [0, 1), got {weight_decay}")
-        if sampler not in SAMPLERS:
-            raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
-        if sigma not in schedule.SIGMA_MODES:
-            raise ValueError(f"sigma must be one of {schedule.SIGMA_MODES}, got {sigma!r}")
-        if calib_size < 1:
-            raise ValueError(f"calib_size must be >= 1, got {calib_size}")
+            check_finite_nonneg(name, v)
+        check_at_least("cycles", cycles, 1)
+        check_at_least("batch_size", batch_size, 1)
+        check_range("alpha", alpha, 0, 1)
+        check_range("weight_decay", weight_decay, 0, 1, hi_open=True)
+        check_choice("sampler", sampler, SAMPLERS)
+        check_choice("sigma", sigma, schedule.SIGMA_MODES)
+        check_at_least("calib_size", calib_size, 1)
         if pool_size is not None and pool_size < batch_size:
             raise ValueError(f"pool_size={pool_size} must be at least batch_size={batch_size}")
-        if backend not in BACKENDS:
-            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-        if generator is not None and not isinstance(generator, torch.Generator):
-            raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
-        if generator is not None and generator.device.type != "cpu":
-            raise ValueError("generator must be a CPU torch.Generator (the streams are drawn on "
-                             f"the CPU), got one on {generator.device}")
+        check_choice("backend", backend, BACKENDS)
+        check_generator(generator)
+        check_loss(loss)
+        if backend == "fused" and not is_cross_entropy(loss):
+            raise ValueError(f"backend='fused' computes the summed cross-entropy only; "
+                             f"loss={describe(loss)} needs backend='torch' (or 'auto')")
         self.model = model
         self.hparams = dict(cycles=cycles, batch_size=batch_size, alpha=alpha,
                             weight_decay=weight_decay, sampler=sampler, sigma=sigma,
                             sample_scale=sample_scale, bn_sigma=bn_sigma, calib_size=calib_size,
                             backend=backend, pool_size=pool_size)
+        if not is_cross_entropy(loss):        # recorded only when not the default
+            self.hparams["loss"] = describe(loss)
+        self.loss = resolve(loss)
         self.generator = generator if generator is not None else torch.Generator().manual_seed(0)
         self.cycle = 0
         self.unit = 0
+        self.evaluations = 0
         self.calib_idx: Optional[torch.Tensor] = None
         self.units: Optional[list[Unit]] = None
         self.sigma0: Optional[list[float]] = None
@@ -149,7 +143,11 @@ class RSO:
             self._order = [m for _, m in execution_order(self.model, sample)]
             asked = self.hparams["backend"]
             self.backend_reason = "torch: asked for with backend='torch'"
-            if asked != "torch":
+            if asked != "torch" and "loss" in self.hparams:
+                self.backend_reason = (f"torch: loss={self.hparams['loss']} is not the "
+                                       "cross-entropy the fused kernels compute")
+                logger.info("rso_ext backend %s", self.backend_reason)
+            elif asked != "torch":
                 try:
                     plan = lower(self.model, sample)
                     if plan.dag:      # a traced graph: refuse a unit it cannot sweep now
@@ -172,10 +170,6 @@ class RSO:
         if self.calib_idx is None:
             n = min(self.hparams["calib_size"], len(x))
             self.calib_idx = torch.randperm(len(x), generator=self.generator)[:n]
-
-    @property
-    def device(self) -> torch.device:
-        return next(self.model.parameters()).device
 
     def _data(self, x, y) -> tuple[torch.Tensor, torch.Tensor]:
         if self.units is None:
@@ -206,37 +200,26 @@ class RSO:
                              f"{tuple(out.shape)}")
         return out.shape[1]
 
-    @property
-    def param_dtype(self) -> torch.dtype:
-        return next(self.model.parameters()).dtype
-
     # -- the search ---------------------------------------------------------------------------
-    def run(self, x, y: Optional[torch.Tensor] = None, *,
-            progress: bool = False) -> Iterator[SweepStats]:
-        """Run the remaining cycles on training data ``(x, y)`` (tensors) or on ``x`` alone as a
-        Dataset/DataLoader of (image, label) pairs. Yields one :class:`SweepStats` per unit sweep;
-        :meth:`state_dict` taken at a yield resumes right after that sweep."""
-        x, y = self._data(x, y)
-        self._prepare(x)
+    def _advance(self, x: torch.Tensor, y: torch.Tensor, progress: bool) -> Stats:
+        """Sweep the unit at the current position and move to the next."""
         assert self.units is not None and self.sigma0 is not None
-        cycles = self.hparams["cycles"]
-        bar = _progress(total=cycles * len(self.units), initial=self.cycle * len(self.units)
-                        + self.unit, desc="layers", enabled=progress)
-        try:
-            while self.cycle < cycles:
-                stats = self._sweep(self.unit, x, y, progress)
-                self.unit += 1
-                if self.unit == len(self.units):
-                    self.unit, self.cycle = 0, self.cycle + 1
-                bar.set_postfix(layer=stats.layer, loss=f"{stats.mean_loss:.4f}")
-                bar.update(1)
-                yield stats
-        finally:
-            bar.close()
+        stats = self._sweep(self.unit, x, y, progress)
+        self.unit += 1
+        if self.unit == len(self.units):
+            self.unit, self.cycle = 0, self.cycle + 1
+        return stats
+
+    def _progress(self) -> tuple[int, int, str]:
+        n = len(self.units)
+        return self.hparams["cycles"] * n, self.cycle * n + self.unit, "layers"
+
+    def _postfix(self, stats: Stats) -> Dict[str, str]:
+        return {"layer": stats.layer, "loss": f"{stats.mean_loss:.4f}"}
 
     def sweep_unit(self, index: int, x, y: Optional[torch.Tensor] = None, *,
                    weights: Optional[int] = None, sweeper: Optional[Sweeper] = None,
-                   progress: bool = False) -> SweepStats:
+                   progress: bool = False) -> Stats:
         """Sweep unit ``index`` once at the current cycle's sigma, drawing its streams from the
         generator, without moving the position; for experiments and benchmarks.
 
@@ -251,7 +234,7 @@ class RSO:
 
     @torch.no_grad()
     def _sweep(self, index: int, x: torch.Tensor, y: torch.Tensor, progress: bool,
-               weights: Optional[int] = None, sweeper: Optional[Sweeper] = None) -> SweepStats:
+               weights: Optional[int] = None, sweeper: Optional[Sweeper] = None) -> Stats:
         h = self.hparams
         t0 = time.perf_counter()
         unit = self.units[index]
@@ -268,7 +251,7 @@ class RSO:
         self._check_memory(unit, sweeper, x)
         with batchnorm.search_mode(self.model, self._order, unit.position):
             sweeper.begin(x, y)
-            bar = _progress(total=n, desc=unit.name, enabled=progress, leave=False)
+            bar = progress_bar(total=n, desc=unit.name, enabled=progress, leave=False)
             try:
                 accepted, loss_sum = sweeper.run(0, n, streams, 1.0 - h["weight_decay"],
                                                  tick=lambda k: bar.update(k - bar.n))
@@ -281,9 +264,13 @@ class RSO:
                 if self.plan is None or nxt == len(self.units) or \
                         self.plan.owner(self.units[nxt]) != self.plan.owner(unit):
                     self._caches.take()   # the next unit sweeps another layer: free them now
-        return SweepStats(self.cycle, index, unit.name, n, accepted,
-                          loss_sum / n / h["batch_size"], sigma, time.perf_counter() - t0,
-                          index == len(self.units) - 1)
+        self.evaluations += n * self.candidates * h["batch_size"]
+        return Stats(method=self.method, cycle=self.cycle,
+                     step=self.cycle * len(self.units) + index, layer=unit.name,
+                     evaluations=self.evaluations,
+                     mean_loss=loss_sum / n / h["batch_size"], sigma=sigma,
+                     seconds=time.perf_counter() - t0, cycle_done=index == len(self.units) - 1,
+                     unit=index, weights=n, accepted=accepted)
 
     def _check_memory(self, unit: Unit, sweeper: Sweeper, x: torch.Tensor) -> None:
         """Stop before a unit sweep whose caches would not fit in the device's memory."""
@@ -337,6 +324,7 @@ class RSO:
             "unit": self.unit,
             "sigma0": self.sigma0,
             "calib_idx": self.calib_idx,
+            "evaluations": self.evaluations,
             "hparams": dict(self.hparams),
         }
 
@@ -348,16 +336,13 @@ class RSO:
         if state["format"] != STATE_FORMAT:
             raise ValueError(f"RSO state format {state['format']} is not supported "
                              f"(this version reads format {STATE_FORMAT})")
-        diff = {k: (v, self.hparams.get(k)) for k, v in state["hparams"].items()
-                if self.hparams.get(k) != v}
-        if diff:
-            raise ValueError("the checkpoint was made with other hyperparameters "
-                             + ", ".join(f"{k}: saved {a!r} vs {b!r}" for k, (a, b) in diff.items()))
+        check_hparams(state["hparams"], self.hparams, always=("loss",))
         self.model.load_state_dict(state["model"])
         self.generator.set_state(state["generator"])
         self.cycle, self.unit = int(state["cycle"]), int(state["unit"])
         self.sigma0 = state.get("sigma0")
         self.calib_idx = state.get("calib_idx")
+        self.evaluations = int(state.get("evaluations", 0))
 
     @property
     def backend(self) -> str:
@@ -368,39 +353,4 @@ class RSO:
         """The weight loop of this object's backend for ``unit``."""
         if self.plan is not None:
             return FusedSweeper(self.plan, unit, store=self._caches)
-        return TorchSweeper(unit, make_evaluator(self.model, unit))
-
-    @property
-    def done(self) -> bool:
-        return self.cycle >= self.hparams["cycles"]
-
-
-def _check_types(**args: tuple[Any, type]) -> None:
-    """TypeError naming the argument when a value is not of the expected kind (a bool is not a
-    number; an integer is a float)."""
-    kinds = {int: (numbers.Integral, "an integer"), float: (numbers.Real, "a number"),
-             str: (str, "a string")}
-    for name, (value, kind) in args.items():
-        cls, what = kinds[kind]
-        if not isinstance(value, cls) or isinstance(value, bool):
-            raise TypeError(f"{name} must be {what}, got {value!r} ({type(value).__name__})")
-
-
-class _NoBar:
-    n = 0
-
-    def update(self, n: int = 1) -> None:
-        pass
-
-    def set_postfix(self, **_: Any) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
-
-
-def _progress(total: int, desc: str, enabled: bool, initial: int = 0, leave: bool = True):
-    if not enabled:
-        return _NoBar()
-    from tqdm.auto import tqdm
-    return tqdm(total=total, initial=initial, desc=desc, leave=leave, dynamic_ncols=True)
+        return TorchSweeper(unit, make_evaluator(self.model, unit, self.loss))

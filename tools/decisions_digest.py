@@ -8,6 +8,9 @@ decisions, the same losses to the last bit and the same final weights on this CP
     ... change, rebuild ...
     python tools/decisions_digest.py --out after.json --compare before.json
 
+The comparison takes the rows of the earlier file as the reference: every field they hold must
+be equal in the new rows (fields the statistics gained since are not compared).
+
 Each run trains ``paper_mnist`` from seed 0 on the embedded MNIST subset with a small pool
 (one cycle of RSO on each backend; a few units of simulated annealing and lottery-ticket
 search; a few generations of ES and GA). Floats are written with ``float.hex`` so equality is
@@ -70,6 +73,18 @@ def digest() -> dict:
     return out
 
 
+def _same(old, new) -> bool:
+    """Whether run ``new`` made the decisions of run ``old``: the same final weights, and rows
+    equal on every field ``old`` has (a newer statistics type may add fields, never drop any)."""
+    if not isinstance(old, dict) or not isinstance(new, dict):
+        return old == new
+    if old.get("weights_sha256") != new.get("weights_sha256"):
+        return False
+    rows_old, rows_new = old.get("rows", []), new.get("rows", [])
+    return len(rows_old) == len(rows_new) and all(
+        all(k in b and b[k] == v for k, v in a.items()) for a, b in zip(rows_old, rows_new))
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", required=True, help="JSON file to write")
@@ -81,7 +96,7 @@ def main(argv=None) -> int:
     if args.compare:
         with open(args.compare) as f:
             old = json.load(f)
-        bad = [k for k in sorted(set(old) | set(d)) if old.get(k) != d.get(k)]
+        bad = [k for k in sorted(set(old) | set(d)) if not _same(old.get(k), d.get(k))]
         if bad:
             print("digests differ in: " + ", ".join(bad))
             return 1

@@ -1,70 +1,46 @@
 """The gradient-free family behind RSO's interface.
 
-| name     | class                       | searches                                       |
-| -------- | --------------------------- | ---------------------------------------------- |
-| `rso`    | :class:`rso_ext.RSO`        | each weight: {w', w'+d, w'-d}, lowest loss     |
-| `sa`     | :class:`SimulatedAnnealing` | each weight: {w', w'+d}, Metropolis acceptance |
-| `ticket` | :class:`TicketFinder`       | a keep/prune mask over the initial weights     |
-| `es`     | :class:`EvolutionStrategy`  | whole network, antithetic ES, rank shaping     |
-| `ga`     | :class:`GeneticAlgorithm`   | whole network, elitism + mutation              |
-| `dfo`    | :class:`DFO`                | a parameter subset through nevergrad           |
+| name     | class form           | rso_ext.optim form      | step   | searches                           |
+| -------- | -------------------- | ----------------------- | ------ | ---------------------------------- |
+| `rso`    | `rso_ext.RSO`        | `RandomSearch` (`RSO`)  | sweep  | each weight: {w', w'+d, w'-d}      |
+| `sa`     | `SimulatedAnnealing` | `SimulatedAnnealing`    | sweep  | each weight {w', w'+d}, Metropolis |
+| `ticket` | `TicketFinder`       | `TicketFinder`          | sweep  | keep/prune mask on initial weights |
+| `es`     | `EvolutionStrategy`  | `EvolutionStrategy`     | gener. | whole network, antithetic ES       |
+| `ga`     | `GeneticAlgorithm`   | `GeneticAlgorithm`      | gener. | whole network, elitism + mutation  |
+| `dfo`    | `DFO`                | (none)                  | gener. | a parameter subset, nevergrad      |
 
-Every class is built from a model and hyperparameters, runs on tensors or a Dataset/DataLoader
-(``run(x, y)`` yields statistics), round-trips ``state_dict()`` and offers ``calibrate(x)`` before
-evaluation. The ``torch.optim``-style forms are in :mod:`rso_ext.optim`.
+(a step: "sweep" is one unit sweep, every weight of one parameter tensor; "gener." one
+generation.)
+
+A name means the same method in both forms: the same decision code runs (the per-weight loops
+:class:`rso_ext.sweep.TorchSweeper`, :func:`sa.sa_loop`, :func:`ticket.ticket_loop`; the
+population methods' ask/tell :class:`es.ESStrategy`, :class:`ga.GAStrategy`) and, on the same
+seed, the random draws come in the same order (see :mod:`rso_ext.optim`). Each optimizer class
+names its method in ``method``.
+
+Every class form follows the one contract of :mod:`rso_ext.contract` (:class:`Method`): built from
+a model, a loss (``loss=``, :mod:`rso_ext.losses`; summed cross-entropy by default) and
+hyperparameters; ``step(x, y)`` runs one unit sweep (per-weight methods) or one generation
+(population methods) and returns a :class:`Stats`; ``run(x, y)`` yields one per step;
+``state_dict()`` / ``load_state_dict()``; ``check(x, y)``; ``calibrate(x)`` before evaluation.
+Population methods add ``ask()`` / ``tell(losses)`` (:class:`PopulationMethod`).
+
+Each class declares its registry entry (``method``, ``summary``, ``cli_options``); :data:`METHODS`
+(name -> class, in the order above) and :func:`from_config` are what the command line reads.
 """
 from __future__ import annotations
 
-from typing import Dict, Type
-
+from ..contract import METHODS, Method, Stats, from_config, method_help, takers
+# the classes register in import order, which is the order of the table above
 from ..rso import RSO
-from .base import BatchedLoss, GenerationStats, PerWeightMethod, PopulationMethod, select_params
-from .dfo import DFO
-from .es import EvolutionStrategy
-from .ga import GeneticAlgorithm
+from .base import (BatchedLoss, GenerationStats, PerWeightMethod, PopulationMethod,  # noqa: I001
+                   select_params)
 from .sa import SimulatedAnnealing
 from .ticket import TicketFinder
+from .es import EvolutionStrategy
+from .ga import GeneticAlgorithm
+from .dfo import DFO
 
-METHODS: Dict[str, Type] = {
-    "rso": RSO,
-    "sa": SimulatedAnnealing,
-    "ticket": TicketFinder,
-    "es": EvolutionStrategy,
-    "ga": GeneticAlgorithm,
-    "dfo": DFO,
-}
-
-__all__ = ["METHODS", "from_config", "SimulatedAnnealing", "TicketFinder", "EvolutionStrategy",
-           "GeneticAlgorithm", "DFO", "PerWeightMethod", "PopulationMethod", "BatchedLoss",
-           "GenerationStats", "select_params"]
-
-
-def from_config(cfg: dict, model, generator):
-    """The search object of a CLI run configuration (``python -m rso_ext train --method ...``).
-
-    ``cfg`` holds the train options; method options left at ``None`` take the class defaults."""
-    method = cfg.get("method") or "rso"
-    if method not in METHODS:
-        raise ValueError(f"method must be one of {tuple(METHODS)}, got {method!r}")
-
-    def opt(**pairs):
-        return {k: v for k, v in pairs.items() if v is not None}
-
-    common = dict(cycles=cfg["cycles"], batch_size=cfg["batch_size"],
-                  calib_size=cfg["calib_size"], generator=generator)
-    per_weight = opt(backend=cfg.get("backend"), pool_size=cfg.get("pool_size"))
-    if method in ("rso", "sa"):
-        kw = dict(common, alpha=cfg["alpha"], weight_decay=cfg["weight_decay"],
-                  sampler=cfg["sampler"], sigma=cfg["sigma"], sample_scale=cfg["sample_scale"],
-                  **per_weight)
-        if method == "sa":
-            kw.update(opt(t0=cfg.get("temperature")))
-        return METHODS[method](model, **kw)
-    if method == "ticket":
-        return TicketFinder(model, **common, sampler=cfg["sampler"], **per_weight,
-                            **opt(sparsity=cfg.get("sparsity")))
-    kw = dict(common, **opt(generations=cfg.get("generations"), population=cfg.get("population"),
-                            sigma=cfg.get("noise"), params=cfg.get("params")))
-    if method == "es":
-        kw.update(opt(lr=cfg.get("lr")))
-    return METHODS[method](model, **kw)
+__all__ = ["METHODS", "from_config", "method_help", "takers", "Method", "Stats", "RSO",
+           "SimulatedAnnealing", "TicketFinder", "EvolutionStrategy", "GeneticAlgorithm", "DFO",
+           "PerWeightMethod", "PopulationMethod", "BatchedLoss", "GenerationStats", "select_params"]

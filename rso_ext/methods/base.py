@@ -13,7 +13,12 @@ Two families:
   search a flat vector of (a subset of) the parameters. A population ``[P, D]`` is evaluated on one
   minibatch in one batched forward (:class:`BatchedLoss`: ``torch.func.functional_call`` + ``vmap``
   over the stacked parameters, on the model's device), with every BatchNorm on the statistics of
-  the minibatch and Dropout off, as during an RSO sweep.
+  the minibatch and Dropout off, as during an RSO sweep. A generation is ``ask()`` (the members),
+  their losses, ``tell(losses)``: the algorithms themselves are ask/tell objects on flat vectors
+  (:class:`rso_ext.methods.es.ESStrategy`, :class:`rso_ext.methods.ga.GAStrategy`, nevergrad's
+  optimizer for DFO), which the :mod:`rso_ext.optim` forms drive too.
+
+Both families follow :class:`rso_ext.contract.Method` and yield :class:`rso_ext.contract.Stats`.
 
 Both families take the BatchNorm calibration images without consuming the generator: the
 ``calib_size`` training images at evenly spaced positions (:func:`spread_indices`). That keeps the
@@ -23,15 +28,19 @@ forms make the same decisions on the same seed.
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass
-from typing import Any, Callable, Dict, Iterator, Optional, Sequence, Union
+from typing import Any, Callable, Dict, Optional, Sequence, Union
 
 import torch
 from torch import nn
 
-from .. import batchnorm, ops
+from .. import batchnorm
+# check_choice and check_range were defined here before rso_ext.checks: importable as before
+from ..checks import (check_choice, check_generator, check_int, check_model,  # noqa: F401
+                      check_range)
 from ..data import check_data, from_dataset
-from ..rso import RSO, _progress
+from ..losses import Loss, check_loss, describe, is_cross_entropy, resolve
+from ..contract import Method, Stats, check_hparams
+from ..rso import RSO
 from ..sweep import Sweeper
 from ..visit import MIXING, NORM, Unit, execution_order
 
@@ -49,25 +58,6 @@ def draw_batch(generator: torch.Generator, pool: int, batch_size: int) -> torch.
     """The minibatch of one generation/step: the first ``batch_size`` entries of a permutation of
     ``range(pool)`` drawn from ``generator`` (int64, CPU)."""
     return torch.randperm(pool, generator=generator)[:batch_size]
-
-
-def check_choice(name: str, value: Any, choices: Sequence[Any]) -> None:
-    if value not in choices:
-        raise ValueError(f"{name} must be one of {tuple(choices)}, got {value!r}")
-
-
-def check_range(name: str, value: float, lo: Optional[float] = None, hi: Optional[float] = None,
-                lo_open: bool = False, hi_open: bool = False) -> None:
-    ok = isinstance(value, (int, float)) and value == value
-    if ok and lo is not None:
-        ok = value > lo if lo_open else value >= lo
-    if ok and hi is not None:
-        ok = value < hi if hi_open else value <= hi
-    if not ok:
-        left = "(" if lo_open else "["
-        right = ")" if hi_open else "]"
-        raise ValueError(f"{name} must be in {left}{'-inf' if lo is None else lo}, "
-                         f"{'inf' if hi is None else hi}{right}, got {value!r}")
 
 
 # -- per-weight methods ---------------------------------------------------------------------------
@@ -102,6 +92,7 @@ class PerWeightMethod(RSO):
     implement :meth:`_loop`, called once per unit sweep with the sweep's streams)."""
 
     method = ""
+    candidates = 2
 
     def __init__(self, model: nn.Module, **kwargs: Any) -> None:
         super().__init__(model, **kwargs)
@@ -147,7 +138,8 @@ class PerWeightMethod(RSO):
 
 
 # -- population methods ----------------------------------------------------------------------------
-def select_params(model: nn.Module, spec: ParamSpec, sample: torch.Tensor) -> list[str]:
+def select_params(model: nn.Module, spec: ParamSpec,
+                  sample: Optional[torch.Tensor] = None) -> list[str]:
     """Names (in ``named_parameters`` order) of the parameters ``spec`` selects:
 
     * ``"all"``; ``"bn"`` (every BatchNorm parameter); ``"last"`` (the parameters of the last
@@ -167,6 +159,9 @@ def select_params(model: nn.Module, spec: ParamSpec, sample: torch.Tensor) -> li
                 chosen |= {f"{mn}.{pn}" if mn else pn for mn, m in model.named_modules()
                            if isinstance(m, NORM) for pn, _ in m.named_parameters(recurse=False)}
             elif part == "last":
+                if sample is None:
+                    raise ValueError("params='last' needs the model's execution order: give "
+                                     "training data first (step, run or check)")
                 mix = [(n, m) for n, m in execution_order(model, sample) if isinstance(m, MIXING)]
                 if not mix:
                     raise ValueError("params='last': the model has no conv/linear layer")
@@ -189,7 +184,8 @@ def select_params(model: nn.Module, spec: ParamSpec, sample: torch.Tensor) -> li
 
 
 class BatchedLoss:
-    """Summed float64 cross-entropy of a population of flat parameter vectors on one minibatch.
+    """The summed loss (float64; ``loss``, :mod:`rso_ext.losses`, by default cross-entropy) of a
+    population of flat parameter vectors on one minibatch.
 
     ``loss(thetas [P, D], x [B, ...], y [B]) -> float64 [P]``: member ``i`` is the model with the
     selected parameters (``names``, concatenated in that order) set to ``thetas[i]`` and every other
@@ -198,8 +194,10 @@ class BatchedLoss:
     ``vectorize=False`` loops over the members instead (for models ``vmap`` cannot run)."""
 
     def __init__(self, model: nn.Module, names: Sequence[str], order: Sequence[nn.Module],
-                 max_samples: int = 16384, vectorize: bool = True) -> None:
+                 max_samples: int = 16384, vectorize: bool = True,
+                 loss: Optional[Loss] = None) -> None:
         params = dict(model.named_parameters())
+        self.loss = resolve(loss)
         self.model, self.names, self.order = model, list(names), list(order)
         self.shapes = [params[n].shape for n in self.names]
         self.numels = [params[n].numel() for n in self.names]
@@ -228,53 +226,56 @@ class BatchedLoss:
                     logits = vmap(forward)(part)
                 else:
                     logits = torch.stack([forward(t) for t in part])
-                out.append(ops.candidate_cross_entropy(logits, y))
+                out.append(self.loss(logits, y))
         return torch.cat(out)
 
 
-@dataclass
-class GenerationStats:
-    """What one generation of a population method did."""
-
-    cycle: int              # 0-based
-    generation: int         # 0-based, counted over the whole run
-    evaluations: int        # sample-forward evaluations so far (members x minibatch size)
-    mean_loss: float        # mean over the population of the summed loss / batch size
-    best_loss: float        # lowest member loss / batch size
-    sigma: float            # perturbation scale used
-    seconds: float
-    cycle_done: bool        # last generation of the cycle
-
-    def as_dict(self) -> Dict[str, Any]:
-        return asdict(self)
+#: the statistics of a generation: the one :class:`rso_ext.contract.Stats` of every method (the
+#: old name, kept)
+GenerationStats = Stats
 
 
-class PopulationMethod:
+class PopulationMethod(Method):
     """Driver of a whole-network population search: ``cycles`` x ``generations`` generations, one
     fresh minibatch of ``batch_size`` training samples per generation (:func:`draw_batch`), the
     model holding the method's current solution after every generation.
 
-    The interface is :class:`rso_ext.RSO`'s: ``run(x, y)`` yields a :class:`GenerationStats` per
-    generation, ``state_dict()``/``load_state_dict()`` resume exactly, ``calibrate(x)`` prepares
-    the model for evaluation, ``cycle``/``unit`` (generation within the cycle) give the position.
-    Subclasses implement :meth:`_init_search`, :meth:`_generation`, :meth:`_search_state`."""
+    The contract is :class:`rso_ext.contract.Method`'s (a step is one generation;
+    ``cycle``/``unit`` give the position, ``unit`` being the generation within the cycle), plus
+    the ask/tell pair of the algorithm on flat parameter vectors (the selected parameters,
+    concatenated in ``named_parameters`` order, ``D`` entries)::
 
-    method = ""
+        thetas = search.ask()                  # [population, D], on the model's device and dtype
+        losses = search.evaluate(thetas, xb, yb)   # or any float64 [population]: lower is better
+        search.tell(losses)                    # one generation: search state and model updated
+
+    ``step()`` is exactly that on a minibatch drawn from the generator after :meth:`start` and
+    before ``ask``: ``start(); idx = draw_batch(generator, N, batch_size); ask(); evaluate(...,
+    x[idx], y[idx]); tell(...)`` makes the same draws and updates as ``step(x, y)``. One ``tell``
+    per ``ask``; ``tell`` counts ``population x batch_size`` evaluations and moves the position by
+    one generation. :meth:`start` (called by the first ``ask``, ``step`` or ``run`` if not before)
+    sets the search up from the model's current parameters: the GA draws its first population,
+    DFO seeds and builds its optimizer.
+
+    Subclasses implement :meth:`_init_search`, :meth:`_ask`, :meth:`_tell`,
+    :meth:`_search_state`, :meth:`_load_search_state`."""
+
+    kind = "population"
+    cli_options = {"cycles": "cycles", "batch_size": "batch_size", "calib_size": "calib_size",
+                   "generations": "generations", "population": "population", "noise": "sigma",
+                   "params": "params"}
 
     def __init__(self, model: nn.Module, *, cycles: int, generations: int, batch_size: int,
                  population: int, params: ParamSpec = "all", calib_size: int = 2000,
                  generator: Optional[torch.Generator] = None, vectorize: bool = True,
-                 **hparams: Any) -> None:
-        if not isinstance(model, nn.Module):
-            raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+                 loss: Optional[Loss] = None, **hparams: Any) -> None:
+        check_model(model)
         for name, v in (("cycles", cycles), ("generations", generations),
                         ("batch_size", batch_size), ("population", population),
                         ("calib_size", calib_size)):
-            if not isinstance(v, int) or v < 1:
-                raise ValueError(f"{name} must be an int >= 1, got {v!r}")
-        if generator is not None and generator.device.type != "cpu":
-            raise ValueError("generator must be a CPU torch.Generator, got one on "
-                             f"{generator.device}")
+            check_int(name, v, 1)
+        check_generator(generator)
+        check_loss(loss)
         if not (callable(params) or isinstance(params, (str, list, tuple))):
             raise TypeError(f"params must be a string, a list of names or a callable, got "
                             f"{type(params).__name__}")
@@ -285,13 +286,18 @@ class PopulationMethod:
                             params=params if isinstance(params, str) else
                             (list(params) if not callable(params) else "<callable>"),
                             calib_size=calib_size, vectorize=vectorize, **hparams)
+        if not is_cross_entropy(loss):        # recorded only when not the default
+            self.hparams["loss"] = describe(loss)
+        self.loss = resolve(loss)
         self.generator = generator if generator is not None else torch.Generator().manual_seed(0)
         self.generation = 0
         self.evaluations = 0
         self.calib_idx: Optional[torch.Tensor] = None
         self.names: Optional[list[str]] = None
-        self.loss: Optional[BatchedLoss] = None
+        self.batched_loss: Optional[BatchedLoss] = None
+        self._sample: Optional[torch.Tensor] = None     # two training images, once seen
         self._initialised = False
+        self._asked = False
 
     # -- position -------------------------------------------------------------------------------
     @property
@@ -309,14 +315,6 @@ class PopulationMethod:
     @property
     def done(self) -> bool:
         return self.generation >= self.total_generations
-
-    @property
-    def device(self) -> torch.device:
-        return next(self.model.parameters()).device
-
-    @property
-    def param_dtype(self) -> torch.dtype:
-        return next(self.model.parameters()).dtype
 
     # -- data and set-up ---------------------------------------------------------------------------
     def _data(self, x, y) -> tuple[torch.Tensor, torch.Tensor]:
@@ -339,63 +337,138 @@ class PopulationMethod:
                              f"training set ({len(x)} samples)")
         return x.to(self.device, self.param_dtype), y.to(self.device)
 
-    def _prepare(self, x: torch.Tensor) -> None:
-        if self.names is None:
-            sample = x[:2]
-            self.names = select_params(self.model, self.params_spec, sample)
-            order = [m for _, m in execution_order(self.model, sample)]
-            self.loss = BatchedLoss(self.model, self.names, order,
-                                    vectorize=self.hparams["vectorize"])
-        if self.calib_idx is None:
-            self.calib_idx = spread_indices(len(x), self.hparams["calib_size"])
+    def start(self) -> None:
+        """Set the search up from the model's current parameters, once (not after a resume):
+        the parameter selection, then the method's own state (which may draw from the
+        generator)."""
+        self._setup()
+
+    def _setup(self) -> None:
+        """The parameter selection and the search state (first use only; not after a resume)."""
+        self._setup_names()
         if not self._initialised:
             self._init_search()
             self._initialised = True
 
+    def _prepare(self, x: torch.Tensor) -> None:
+        self._see(x)
+        self._setup()
+        self._prepare_loss()
+        if self.calib_idx is None:
+            self.calib_idx = spread_indices(len(x), self.hparams["calib_size"])
+
+    def _see(self, x: torch.Tensor) -> None:
+        """Keep two images of the data (execution order, ``params="last"``)."""
+        if self._sample is None:
+            self._sample = x[:2].clone()
+
+    def _prepare_loss(self) -> None:
+        self._setup_names()
+        if self.batched_loss is None:
+            order = [m for _, m in execution_order(self.model, self._sample)]
+            self.batched_loss = BatchedLoss(self.model, self.names, order,
+                                            vectorize=self.hparams["vectorize"], loss=self.loss)
+
+    def check(self, x, y: Optional[torch.Tensor] = None) -> None:
+        """Raise now what :meth:`run` would raise before its first generation on ``(x, y)`` (bad
+        data, batch size, parameter selection), changing neither the weights nor the
+        generator."""
+        x, y = self._data(x, y)
+        self._see(x)
+        if self.names is None:
+            select_params(self.model, self.params_spec, self._sample)
+
     def theta(self) -> torch.Tensor:
         """The selected parameters as one flat vector (a copy)."""
+        self._setup_names()
         params = dict(self.model.named_parameters())
         return torch.cat([params[n].detach().reshape(-1) for n in self.names])
 
     @torch.no_grad()
     def write(self, theta: torch.Tensor) -> None:
         """Write a flat vector into the selected parameters of the model."""
+        self._setup_names()
         params = dict(self.model.named_parameters())
-        for n, t in self.loss.unflatten(theta).items():
-            params[n].copy_(t)
+        sizes = [params[n].numel() for n in self.names]
+        for n, t in zip(self.names, theta.split(sizes)):
+            params[n].copy_(t.view(params[n].shape))
+
+    def _setup_names(self) -> None:
+        if self.names is None:
+            self.names = select_params(self.model, self.params_spec, self._sample)
+
+    # -- ask / tell ------------------------------------------------------------------------------
+    def ask(self) -> torch.Tensor:
+        """The parameter vectors of this generation's members, ``[population, D]`` (on the
+        model's device, in its dtype). Call :meth:`tell` with their losses next."""
+        if self.done:
+            raise RuntimeError(f"{type(self).__name__}: the search is done (all "
+                               f"{self.total_generations} generations have run)")
+        self._setup()
+        with torch.no_grad():
+            thetas = self._ask()
+        self._asked = True
+        return thetas
+
+    def tell(self, losses) -> None:
+        """Take the losses (float64 ``[population]``, lower is better; what :meth:`evaluate`
+        returns: summed over the minibatch) of the members of the last :meth:`ask`, update the
+        search state, write the current solution into the model and move to the next
+        generation."""
+        if not self._asked:
+            raise RuntimeError(f"{type(self).__name__}.tell() without ask(): ask for the "
+                               "members first")
+        p = self.hparams["population"]
+        losses = torch.as_tensor(losses, dtype=torch.float64)
+        if losses.shape != (p,):
+            raise ValueError(f"tell() takes one loss per member: shape ({p},), got "
+                             f"{tuple(losses.shape)}")
+        with torch.no_grad():
+            self._tell(losses)
+        self._asked = False
+        self.evaluations += p * self.hparams["batch_size"]
+        self.generation += 1
+
+    def evaluate(self, thetas: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """float64 ``[P]``: the summed loss of each member of ``thetas`` on ``(x, y)`` (tensors on
+        the model's device), all in one batched forward (:class:`BatchedLoss`)."""
+        if self.batched_loss is None:
+            self._see(x)
+            self._prepare_loss()
+        return self.batched_loss(thetas, x, y)
 
     # -- the search --------------------------------------------------------------------------------
-    def run(self, x, y: Optional[torch.Tensor] = None, *,
-            progress: bool = False) -> Iterator[GenerationStats]:
-        """Run the remaining generations on ``(x, y)`` (or a Dataset/DataLoader ``x``); yields one
-        :class:`GenerationStats` per generation; :meth:`state_dict` taken at a yield resumes right
-        after that generation."""
-        x, y = self._data(x, y)
-        self._prepare(x)
-        g = self.hparams["generations"]
-        bar = _progress(total=self.total_generations, initial=self.generation,
-                        desc=self.method or "generations", enabled=progress)
-        try:
-            while not self.done:
-                t0 = time.perf_counter()
-                cycle = self.cycle
-                with torch.no_grad():
-                    mean, best, sigma = self._generation(x, y)
-                self.evaluations += self.hparams["population"] * self.hparams["batch_size"]
-                self.generation += 1
-                stats = GenerationStats(cycle, self.generation - 1, self.evaluations, mean, best,
-                                        sigma, time.perf_counter() - t0, self.generation % g == 0)
-                bar.set_postfix(loss=f"{best:.4f}")
-                bar.update(1)
-                yield stats
-        finally:
-            bar.close()
+    def _advance(self, x: torch.Tensor, y: torch.Tensor, progress: bool) -> Stats:
+        """One generation: the minibatch, then ask, evaluate, tell."""
+        t0 = time.perf_counter()
+        cycle = self.cycle
+        h = self.hparams
+        with torch.no_grad():
+            idx = draw_batch(self.generator, len(x), h["batch_size"]).to(x.device)
+            thetas = self.ask()
+            losses = self.evaluate(thetas, x[idx], y[idx])
+            self.tell(losses)
+        b = h["batch_size"]
+        return Stats(method=self.method, cycle=cycle, step=self.generation - 1,
+                     layer=str(h["params"]), evaluations=self.evaluations,
+                     mean_loss=float(losses.mean()) / b, sigma=h["sigma"],
+                     seconds=time.perf_counter() - t0,
+                     cycle_done=self.generation % h["generations"] == 0,
+                     generation=self.generation - 1, best_loss=float(losses.min()) / b)
+
+    def _progress(self) -> tuple[int, int, str]:
+        return self.total_generations, self.generation, self.method or "generations"
+
+    def _postfix(self, stats: Stats) -> Dict[str, str]:
+        return {"loss": f"{stats.best_loss:.4f}"}
 
     def _init_search(self) -> None:
-        """Set up the search state from the model (first run only; not after a resume)."""
+        """Set up the search state from the model (first use only; not after a resume)."""
 
-    def _generation(self, x: torch.Tensor, y: torch.Tensor) -> tuple[float, float, float]:
-        """One generation; returns (mean loss, best loss, sigma) per sample."""
+    def _ask(self) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _tell(self, losses: torch.Tensor) -> None:
         raise NotImplementedError
 
     def _search_state(self) -> Dict[str, Any]:
@@ -439,17 +512,13 @@ class PopulationMethod:
         saved = state["hparams"].get("method")
         if saved != self.method:
             raise ValueError(f"the checkpoint was made by method {saved!r}, not {self.method!r}")
-        diff = {k: (v, self.hparams.get(k)) for k, v in state["hparams"].items()
-                if self.hparams.get(k) != v}
-        if diff:
-            raise ValueError("the checkpoint was made with other hyperparameters "
-                             + ", ".join(f"{k}: saved {a!r} vs {b!r}"
-                                         for k, (a, b) in diff.items()))
+        check_hparams(state["hparams"], self.hparams, always=("loss",))
         self.model.load_state_dict(state["model"])
         self.generator.set_state(state["generator"])
         self.generation = int(state["generation"])
         self.evaluations = int(state.get("evaluations", 0))
         self.calib_idx = state.get("calib_idx")
+        self._asked = False
         if state.get("search") is not None:
             self._load_search_state(state["search"])
             self._initialised = True

@@ -12,7 +12,7 @@ equal to ``population``, see :data:`CMA_POPSIZE_TIED`). One generation:
 
 1. the minibatch: ``draw_batch`` (first ``batch_size`` entries of ``randperm(N)``);
 2. ``population`` candidates asked, stacked into one ``[P, D]`` tensor and evaluated in one batched
-   forward (summed float64 cross-entropy); each told its per-sample mean loss;
+   forward (the summed float64 loss, cross-entropy by default); each told its per-sample mean loss;
 3. the optimizer's recommendation written into the model.
 
 nevergrad's own random state is a numpy ``RandomState`` seeded once from the generator
@@ -27,7 +27,10 @@ from typing import Optional
 import torch
 from torch import nn
 
-from .base import PopulationMethod, check_range, draw_batch
+from ..checks import check_range
+from ..contract import register
+from ..losses import Loss
+from .base import PopulationMethod
 
 
 #: names built as ``ng.families.ParametrizedCMA(popsize=population, diagonal=...)``
@@ -43,6 +46,7 @@ def import_nevergrad():
     return ng
 
 
+@register
 class DFO(PopulationMethod):
     """Derivative-free optimisation of a parameter subset with nevergrad (ask/tell, batched).
 
@@ -52,24 +56,27 @@ class DFO(PopulationMethod):
             for up to a few hundred parameters; ``"DiagonalCMA"`` scales to many more).
         sigma: the initial mutation scale of the ``ng.p.Array``.
         population: candidates asked (and evaluated together) per generation.
-        cycles, generations, batch_size, calib_size, generator, vectorize: as for
+        cycles, generations, batch_size, calib_size, generator, vectorize, loss: as for
             :class:`rso_ext.methods.EvolutionStrategy`.
     """
 
     method = "dfo"
+    summary = "nevergrad optimiser (CMA by default) on a parameter subset (--params), ask/tell"
 
     def __init__(self, model: nn.Module, *, cycles: int = 10, generations: int = 50,
                  batch_size: int = 256, population: int = 20, params="bn+last",
                  optimizer: str = "CMA", sigma: float = 0.1, calib_size: int = 2000,
-                 generator: Optional[torch.Generator] = None, vectorize: bool = True) -> None:
+                 generator: Optional[torch.Generator] = None, vectorize: bool = True,
+                 loss: Optional[Loss] = None) -> None:
         check_range("sigma", sigma, 0.0, lo_open=True)
         if not isinstance(optimizer, str):
             raise TypeError(f"optimizer must be a nevergrad optimizer name, got {optimizer!r}")
         super().__init__(model, cycles=cycles, generations=generations, batch_size=batch_size,
                          population=population, params=params, calib_size=calib_size,
-                         generator=generator, vectorize=vectorize, optimizer=optimizer,
-                         sigma=sigma)
+                         generator=generator, vectorize=vectorize, loss=loss,
+                         optimizer=optimizer, sigma=sigma)
         self.optimizer = None
+        self._cands = None
 
     def _init_search(self) -> None:
         ng = import_nevergrad()
@@ -95,25 +102,24 @@ class DFO(PopulationMethod):
             parametrization=param, budget=self.total_generations * h["population"],
             num_workers=h["population"])
 
-    def _generation(self, x, y):
-        h = self.hparams
-        idx = draw_batch(self.generator, len(x), h["batch_size"]).to(x.device)
+    def _ask(self) -> torch.Tensor:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")         # cma's chatty TPA consistency warnings
-            return self._step(x, y, idx)
-
-    def _step(self, x, y, idx):
-        h = self.hparams
-        cands = [self.optimizer.ask() for _ in range(h["population"])]
-        thetas = torch.stack([torch.from_numpy(c.value) for c in cands]).to(
+            self._cands = [self.optimizer.ask() for _ in range(self.hparams["population"])]
+        return torch.stack([torch.from_numpy(c.value) for c in self._cands]).to(
             self.device, self.param_dtype)
-        losses = self.loss(thetas, x[idx], y[idx])
-        b = h["batch_size"]
-        for c, loss in zip(cands, (losses / b).tolist()):
-            self.optimizer.tell(c, loss)
-        rec = self.optimizer.provide_recommendation().value
+
+    def _tell(self, losses: torch.Tensor) -> None:
+        """Each candidate told its loss per sample (``losses / batch_size``), then the
+        optimizer's recommendation written into the model."""
+        b = self.hparams["batch_size"]
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            for c, loss in zip(self._cands, (losses / b).tolist()):
+                self.optimizer.tell(c, loss)
+            rec = self.optimizer.provide_recommendation().value
+        self._cands = None
         self.write(torch.from_numpy(rec).to(self.device, self.param_dtype))
-        return float(losses.mean()) / b, float(losses.min()) / b, h["sigma"]
 
     def _search_state(self):
         return {"optimizer": pickle.dumps(self.optimizer)}

@@ -18,12 +18,15 @@ functions, so on the same seed both forms reach the same weights.
 """
 from __future__ import annotations
 
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Mapping, Optional
 
 import torch
 from torch import nn
 
-from .base import PopulationMethod, check_choice, check_range, draw_batch
+from ..checks import check_choice, check_range
+from ..contract import register
+from ..losses import Loss
+from .base import PopulationMethod
 
 OPTIMIZERS = ("adam", "sgd")
 
@@ -82,6 +85,39 @@ def es_update(theta: torch.Tensor, direction: torch.Tensor, state: Dict[str, Any
     return theta * (1 - lr * weight_decay) + lr * step
 
 
+class ESStrategy:
+    """The ES as ask/tell on a flat vector, holding no model: one generation is
+    ``members = ask(theta)`` (draws the noise), then ``new_theta = tell(losses)``.
+
+    ``hparams`` is read at every call (``population``, ``sigma``, ``lr``, ``weight_decay``,
+    ``optimizer``): :class:`EvolutionStrategy` passes its ``hparams``,
+    :class:`rso_ext.optim.EvolutionStrategy` its first param group. ``state`` holds Adam's
+    moments and step count (updated in place by :meth:`tell`)."""
+
+    def __init__(self, hparams: Mapping[str, Any], generator: torch.Generator,
+                 state: Optional[Dict[str, Any]] = None) -> None:
+        self.hparams, self.generator = hparams, generator
+        self.state: Dict[str, Any] = {} if state is None else state
+        self._asked: Optional[tuple[torch.Tensor, torch.Tensor]] = None
+
+    def ask(self, theta: torch.Tensor) -> torch.Tensor:
+        """``[population, D]``: ``theta + sigma * eps`` for antithetic noise ``eps``."""
+        h = self.hparams
+        eps = draw_noise(self.generator, h["population"], len(theta)).to(theta.device, theta.dtype)
+        self._asked = (theta, eps)
+        return theta + h["sigma"] * eps
+
+    def tell(self, losses: torch.Tensor) -> torch.Tensor:
+        """The new ``theta`` after the step on the members' ``losses`` (lower is better)."""
+        if self._asked is None:
+            raise RuntimeError("ESStrategy.tell() without ask()")
+        (theta, eps), self._asked = self._asked, None
+        h = self.hparams
+        d = es_direction(eps, losses, h["sigma"])
+        return es_update(theta, d, self.state, h["lr"], h["weight_decay"], h["optimizer"])
+
+
+@register
 class EvolutionStrategy(PopulationMethod):
     """Antithetic ES with rank-based fitness shaping over the selected parameters.
 
@@ -95,45 +131,50 @@ class EvolutionStrategy(PopulationMethod):
         sigma: standard deviation of the perturbations (absolute, in weight units).
         lr: step size; ``optimizer``: ``"adam"`` or ``"sgd"``; ``weight_decay``: decoupled.
         params: which parameters to search (see :func:`rso_ext.methods.base.select_params`).
-        calib_size, generator: as for :class:`rso_ext.RSO`.
+        calib_size, generator, loss: as for :class:`rso_ext.RSO`.
+
+    ``ask()``/``tell(losses)``: :class:`ESStrategy` on the selected parameters.
     """
 
     method = "es"
+    summary = "evolution strategy: antithetic, rank-shaped, Adam steps on the whole network"
+    cli_options = {**PopulationMethod.cli_options, "lr": "lr"}
 
     def __init__(self, model: nn.Module, *, cycles: int = 10, generations: int = 50,
                  batch_size: int = 256, population: int = 50, sigma: float = 0.02,
                  lr: float = 0.01, optimizer: str = "adam", weight_decay: float = 0.0,
                  params="all", calib_size: int = 2000,
-                 generator: Optional[torch.Generator] = None, vectorize: bool = True) -> None:
+                 generator: Optional[torch.Generator] = None, vectorize: bool = True,
+                 loss: Optional[Loss] = None) -> None:
         check_es(population, sigma, lr, weight_decay, optimizer)
         super().__init__(model, cycles=cycles, generations=generations, batch_size=batch_size,
                          population=population, params=params, calib_size=calib_size,
-                         generator=generator, vectorize=vectorize, sigma=sigma, lr=lr,
-                         optimizer=optimizer, weight_decay=weight_decay)
-        self.opt_state: Dict[str, Any] = {}
+                         generator=generator, vectorize=vectorize, loss=loss, sigma=sigma,
+                         lr=lr, optimizer=optimizer, weight_decay=weight_decay)
+        self.strategy = ESStrategy(self.hparams, self.generator)
+
+    @property
+    def opt_state(self) -> Dict[str, Any]:
+        """Adam's moments and step count."""
+        return self.strategy.state
 
     def _init_search(self) -> None:
-        self.opt_state = {}
+        self.strategy.state = {}
 
-    def _generation(self, x, y):
-        h = self.hparams
-        theta = self.theta()
-        idx = draw_batch(self.generator, len(x), h["batch_size"]).to(x.device)
-        eps = draw_noise(self.generator, h["population"], len(theta)).to(theta.device, theta.dtype)
-        losses = self.loss(theta + h["sigma"] * eps, x[idx], y[idx])
-        d = es_direction(eps, losses, h["sigma"])
-        self.write(es_update(theta, d, self.opt_state, h["lr"], h["weight_decay"],
-                             h["optimizer"]))
-        b = h["batch_size"]
-        return float(losses.mean()) / b, float(losses.min()) / b, h["sigma"]
+    def _ask(self) -> torch.Tensor:
+        return self.strategy.ask(self.theta())
+
+    def _tell(self, losses: torch.Tensor) -> None:
+        self.write(self.strategy.tell(losses))
 
     def _search_state(self):
         return {k: (v.clone() if torch.is_tensor(v) else v) for k, v in self.opt_state.items()}
 
     def _load_search_state(self, state):
         dev = self.device
-        self.opt_state = {k: (v.to(dev) if torch.is_tensor(v) else v) for k, v in state.items()}
+        self.strategy.state = {k: (v.to(dev) if torch.is_tensor(v) else v)
+                               for k, v in state.items()}
 
 
-__all__ = ["EvolutionStrategy", "draw_noise", "centered_ranks", "es_direction", "es_update",
-           "OPTIMIZERS"]
+__all__ = ["EvolutionStrategy", "ESStrategy", "draw_noise", "centered_ranks", "es_direction",
+           "es_update", "OPTIMIZERS"]

@@ -6,7 +6,7 @@ as the model's parameters ``theta0`` (member 0) and ``P - 1`` mutants ``theta0 +
 One generation:
 
 1. the minibatch: ``draw_batch`` (first ``batch_size`` entries of ``randperm(N)``);
-2. every member's summed float64 cross-entropy on it, in one batched forward;
+2. every member's summed float64 loss on it (cross-entropy by default), in one batched forward;
 3. members sorted by loss (ties by index); the best one is written into the model;
 4. the ``elite`` best members pass unchanged; the other ``P - elite`` slots are children: a parent
    drawn uniformly among the ``parents`` best (``randint``), plus ``sigma * randn(P - elite, D)``.
@@ -17,12 +17,15 @@ every new minibatch. :class:`rso_ext.optim.GeneticAlgorithm` uses the same funct
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Any, Dict, Mapping, Optional
 
 import torch
 from torch import nn
 
-from .base import PopulationMethod, check_range, draw_batch
+from ..checks import check_int, check_range
+from ..contract import register
+from ..losses import Loss
+from .base import PopulationMethod
 
 
 def initial_population(theta: torch.Tensor, population: int, sigma: float,
@@ -50,16 +53,55 @@ def default_parents(population: int) -> int:
 
 
 def check_ga(population: int, elite: int, parents: int, sigma: float) -> None:
-    if not isinstance(population, int) or population < 2:
-        raise ValueError(f"population must be an int >= 2, got {population!r}")
-    if not isinstance(elite, int) or not 0 <= elite < population:
-        raise ValueError(f"elite must be an int in [0, population={population}), got {elite!r}")
-    if not isinstance(parents, int) or not 1 <= parents <= population:
-        raise ValueError(f"parents must be an int in [1, population={population}], got "
-                         f"{parents!r}")
+    check_int("population", population, 2)
+    check_int("elite", elite, 0, population, hi_open=True, hi_name=f"population={population}")
+    check_int("parents", parents, 1, population, hi_name=f"population={population}")
     check_range("sigma", sigma, 0.0, lo_open=True)
 
 
+class GAStrategy:
+    """The GA as ask/tell on flat vectors, holding no model: :meth:`start` makes the first
+    population from ``theta``; one generation is ``members = ask()``, then
+    ``best = tell(losses)`` (the best member of the generation told, to write into the model).
+
+    ``hparams`` is read at every call (``population``, ``elite``, ``parents``, ``sigma``):
+    :class:`GeneticAlgorithm` passes its ``hparams``, :class:`rso_ext.optim.GeneticAlgorithm` its
+    first param group. ``state["population"]`` is the ``[P, D]`` population; after :meth:`tell`,
+    :attr:`best_index` is the best member's row in the population told."""
+
+    def __init__(self, hparams: Mapping[str, Any], generator: torch.Generator,
+                 state: Optional[Dict[str, Any]] = None) -> None:
+        self.hparams, self.generator = hparams, generator
+        self.state: Dict[str, Any] = {} if state is None else state
+        self.best_index: Optional[int] = None
+
+    @property
+    def started(self) -> bool:
+        return self.state.get("population") is not None
+
+    def start(self, theta: torch.Tensor) -> None:
+        """The first population: ``theta`` and mutants of it (draws their noise)."""
+        h = self.hparams
+        self.state["population"] = initial_population(theta, h["population"], h["sigma"],
+                                                      self.generator)
+
+    def ask(self) -> torch.Tensor:
+        """The current population ``[P, D]``."""
+        if not self.started:
+            raise RuntimeError("GAStrategy.ask() before start(theta)")
+        return self.state["population"]
+
+    def tell(self, losses: torch.Tensor) -> torch.Tensor:
+        """Select and mutate on the members' ``losses``; returns the best member told."""
+        h = self.hparams
+        pop = self.state["population"]
+        new, best = next_generation(pop, losses, h["elite"], h["parents"], h["sigma"],
+                                    self.generator)
+        self.state["population"], self.best_index = new, best
+        return pop[best]
+
+
+@register
 class GeneticAlgorithm(PopulationMethod):
     """Truncation-selection GA with elitism and Gaussian mutation over the selected parameters.
 
@@ -68,47 +110,49 @@ class GeneticAlgorithm(PopulationMethod):
             (0 <= elite < population); parents: the truncation size (1..population; default
             ``population // 5``).
         sigma: mutation standard deviation (absolute, in weight units).
-        cycles, generations, batch_size, params, calib_size, generator, vectorize: as for
+        cycles, generations, batch_size, params, calib_size, generator, vectorize, loss: as for
             :class:`rso_ext.methods.EvolutionStrategy`.
+
+    ``ask()``/``tell(losses)``: :class:`GAStrategy` on the selected parameters.
     """
 
     method = "ga"
+    summary = "genetic algorithm: truncation selection, elitism, Gaussian mutation"
 
     def __init__(self, model: nn.Module, *, cycles: int = 10, generations: int = 50,
                  batch_size: int = 256, population: int = 50, elite: int = 1,
                  parents: Optional[int] = None, sigma: float = 0.01, params="all",
                  calib_size: int = 2000,
-                 generator: Optional[torch.Generator] = None, vectorize: bool = True) -> None:
+                 generator: Optional[torch.Generator] = None, vectorize: bool = True,
+                 loss: Optional[Loss] = None) -> None:
         parents = default_parents(population) if parents is None else parents
         check_ga(population, elite, parents, sigma)
         super().__init__(model, cycles=cycles, generations=generations, batch_size=batch_size,
                          population=population, params=params, calib_size=calib_size,
-                         generator=generator, vectorize=vectorize, elite=elite,
-                         parents=parents, sigma=sigma)
-        self.population: Optional[torch.Tensor] = None
+                         generator=generator, vectorize=vectorize, loss=loss,
+                         elite=elite, parents=parents, sigma=sigma)
+        self.strategy = GAStrategy(self.hparams, self.generator)
+
+    @property
+    def population(self) -> Optional[torch.Tensor]:
+        """The current population ``[P, D]`` (None before the search starts)."""
+        return self.strategy.state.get("population")
 
     def _init_search(self) -> None:
-        h = self.hparams
-        self.population = initial_population(self.theta(), h["population"], h["sigma"],
-                                             self.generator)
+        self.strategy.start(self.theta())
 
-    def _generation(self, x, y):
-        h = self.hparams
-        idx = draw_batch(self.generator, len(x), h["batch_size"]).to(x.device)
-        losses = self.loss(self.population, x[idx], y[idx])
-        pop, best = next_generation(self.population, losses, h["elite"], h["parents"],
-                                    h["sigma"], self.generator)
-        self.write(self.population[best])
-        self.population = pop
-        b = h["batch_size"]
-        return float(losses.mean()) / b, float(losses.min()) / b, h["sigma"]
+    def _ask(self) -> torch.Tensor:
+        return self.strategy.ask()
+
+    def _tell(self, losses: torch.Tensor) -> None:
+        self.write(self.strategy.tell(losses))
 
     def _search_state(self):
         return {"population": self.population.clone()}
 
     def _load_search_state(self, state):
-        self.population = state["population"].to(self.device)
+        self.strategy.state = {"population": state["population"].to(self.device)}
 
 
-__all__ = ["GeneticAlgorithm", "initial_population", "next_generation", "check_ga",
+__all__ = ["GeneticAlgorithm", "GAStrategy", "initial_population", "next_generation", "check_ga",
            "default_parents"]

@@ -21,16 +21,17 @@ Random streams of one unit sweep, drawn from the one generator in this order:
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
-from ..rso import SweepStats
+from ..checks import check_choice, check_range
+from ..contract import Stats, register
+from ..rso import RSO
 from ..sweep import non_finite
 from ..visit import Unit
-from .base import PerWeightMethod, check_choice, check_range
+from .base import PerWeightMethod
 
 SCHEDULES = ("exp", "linear")
 
@@ -80,22 +81,24 @@ def sa_loop(unit: Unit, evaluator, y: torch.Tensor, k0: int, k1: int, streams, d
     return accepted, loss_sum
 
 
-@dataclass
-class SAStats(SweepStats):
-    temperature: float = 0.0
+#: the statistics of an SA unit sweep (the one Stats, ``temperature`` set; the old name, kept)
+SAStats = Stats
 
 
+@register
 class SimulatedAnnealing(PerWeightMethod):
     """Simulated annealing of ``model``'s conv/linear/BatchNorm parameters, one weight at a time.
 
     Args (besides those of :class:`rso_ext.RSO`, which keep their meaning and defaults):
-        t0: temperature at the first cycle, in per-sample cross-entropy units (>= 0).
+        t0: temperature at the first cycle, in per-sample loss units (>= 0).
         t_final: temperature at the last cycle (>= 0; 0 with ``schedule="linear"`` ends greedy).
         schedule: ``"exp"`` (geometric) or ``"linear"``.
         backend: candidate evaluator, any backend of :class:`RSO` (default ``"auto"``: fused when the model lowers).
     """
 
     method = "sa"
+    summary = "simulated annealing: each weight tries w'+d, Metropolis acceptance"
+    cli_options = {**RSO.cli_options, "temperature": "t0"}
 
     def __init__(self, model: nn.Module, *, t0: float = 1e-3, t_final: float = 1e-5,
                  schedule: str = "exp", **kwargs: Any) -> None:
@@ -125,10 +128,11 @@ class SimulatedAnnealing(PerWeightMethod):
         return sa_loop(unit, evaluator, y, k0, k1, streams, decay, self._uniforms,
                        self.temperature, tick)
 
-    def _sweep(self, index, x, y, progress, weights=None, sweeper=None) -> SAStats:
+    def _sweep(self, index, x, y, progress, weights=None, sweeper=None) -> Stats:
         temp = self.temperature
         stats = super()._sweep(index, x, y, progress, weights, sweeper)
-        return SAStats(**stats.as_dict(), temperature=temp)
+        stats.temperature = temp
+        return stats
 
 
 __all__ = ["SimulatedAnnealing", "SAStats", "sa_loop", "accept", "temperature", "SCHEDULES"]

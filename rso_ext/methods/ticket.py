@@ -30,16 +30,16 @@ used, the minibatches are); nothing else is drawn.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from typing import Any, Dict, Optional
 
 import torch
 from torch import nn
 
-from ..rso import SweepStats
+from ..checks import check_choice, check_range
+from ..contract import Stats, register
 from ..sweep import non_finite
 from ..visit import MIXING, Unit
-from .base import PerWeightMethod, check_choice, check_range
+from .base import PerWeightMethod
 
 SCHEDULES = ("constant", "linear")
 INITS = ("model", "signed_constant")
@@ -113,13 +113,12 @@ def ticket_loop(unit: Unit, evaluator, y: Optional[torch.Tensor], k0: int, k1: i
     return flips, forced, loss_sum
 
 
-@dataclass
-class TicketStats(SweepStats):
-    sparsity: float = 0.0        # pruned fraction of the unit after the sweep
-    target: float = 0.0          # the cap's target for this cycle
-    forced: int = 0              # weights pruned at the end of the sweep to meet the cap
+#: the statistics of a ticket unit sweep (the one Stats, ``sparsity``, ``target`` and ``forced``
+#: set; the old name, kept)
+TicketStats = Stats
 
 
+@register
 class TicketFinder(PerWeightMethod):
     """Search a binary mask over ``model``'s conv/linear weights at their initial values.
 
@@ -131,11 +130,14 @@ class TicketFinder(PerWeightMethod):
         schedule: ``"constant"`` (the target from the first sweep) or ``"linear"`` (ramped over the
             cycles), see the module documentation.
         init: ``"model"`` or ``"signed_constant"``.
-        sampler, calib_size, generator, backend, pool_size: as for :class:`rso_ext.RSO`
+        sampler, calib_size, generator, backend, pool_size, loss: as for :class:`rso_ext.RSO`
             (``backend`` defaults to ``"auto"``: fused when the model lowers).
     """
 
     method = "ticket"
+    summary = "lottery-ticket mask search: each weight kept at its initial value or pruned"
+    cli_options = {o: o for o in ("cycles", "batch_size", "calib_size", "sampler", "backend",
+                                  "pool_size", "sparsity")}
 
     def __init__(self, model: nn.Module, *, cycles: int = 5, batch_size: int = 5000,
                  sparsity: float = 0.5, schedule: str = "constant", init: str = "model",
@@ -179,12 +181,13 @@ class TicketFinder(PerWeightMethod):
             self.masks[unit.name], cap, tick)
         return flips, loss_sum
 
-    def _sweep(self, index, x, y, progress, weights=None, sweeper=None) -> TicketStats:
+    def _sweep(self, index, x, y, progress, weights=None, sweeper=None) -> Stats:
         target = self.target
         stats = super()._sweep(index, x, y, progress, weights, sweeper)
         mask = self.masks[self.units[index].name]
-        return TicketStats(**stats.as_dict(), sparsity=1.0 - float(mask.double().mean()),
-                           target=target, forced=self._forced)
+        stats.sparsity = 1.0 - float(mask.double().mean())
+        stats.target, stats.forced = target, self._forced
+        return stats
 
     def sparsity(self) -> Dict[str, float]:
         """Pruned fraction per visited layer and ``"total"``."""
