@@ -1,6 +1,7 @@
 """What every benchmark records about where it ran: device name, git commit, default data root."""
 from __future__ import annotations
 
+import os
 import platform
 import subprocess
 from pathlib import Path

@@ -1,0 +1,34 @@
+"""Every benchmark script starts: its argument parser builds and ``--help`` exits 0.
+
+The benchmarks run for minutes to hours, so CI never runs them whole; this catches the
+import-time and parser-time errors (a missing import in ``benchmarks/_env.py`` once made every
+script fail before parsing its arguments) that would otherwise surface only at measurement time.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+SCRIPTS = sorted(p for p in BENCHMARKS.glob("*.py") if not p.name.startswith("_"))
+
+
+def test_there_are_benchmark_scripts():
+    assert len(SCRIPTS) >= 3, SCRIPTS
+
+
+@pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: p.name)
+@pytest.mark.parametrize("data_root", [None, "/nonexistent/mnist"])
+def test_benchmark_help(script, data_root):
+    env = dict(os.environ)
+    env.pop("RSO_EXT_MNIST_ROOT", None)
+    if data_root:
+        env["RSO_EXT_MNIST_ROOT"] = data_root
+    r = subprocess.run([sys.executable, str(script), "--help"], capture_output=True, text=True,
+                       env=env, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert "usage:" in r.stdout
