@@ -15,6 +15,12 @@ seconds = sum of the unit sweeps of the cycle). With N=0 (the default) the key i
 
 ``--quick``: a CPU rehearsal on the embedded subset, B=64, 2 cycles, 1000 validation images.
 
+``--from-run RUN_DIR``: no training here; the rows come from a run of ``python -m rso_ext train``
+(its ``config.json`` and ``metrics.jsonl``), which checkpoints after every unit sweep and resumes
+with ``--resume`` -- the way to make a run of hours survive the end of a session. The cycles
+finished so far are reported (with the process CPU seconds the CLI records beside wall seconds);
+the model, batch size and schedule are the run's own.
+
 Output: ``benchmarks/results/reproduce_paper_<device>[_<tag>].json`` (``--tag``; ``--quick``
 defaults the tag to ``quick``), a PNG next to it when matplotlib is installed, and a final
 ``RESULT key=value ...`` line (docs/design.md §5).
@@ -40,7 +46,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _env import default_data_root, device_name, git_commit  # noqa: E402
 
 import rso_ext  # noqa: E402
-from rso_ext import data, metrics, models, runtime  # noqa: E402
+from rso_ext import cli, data, metrics, models, runtime  # noqa: E402
 from rso_ext.rso import BACKENDS, RSO  # noqa: E402
 
 ALPHA, WEIGHT_DECAY = 0.1, 1e-4
@@ -77,6 +83,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="JSON path (default benchmarks/results/...)")
     p.add_argument("--no-plot", action="store_true")
     p.add_argument("--progress", action="store_true", help="progress bars")
+    p.add_argument("--from-run", default=None, metavar="RUN_DIR",
+                   help="report the finished cycles of a `python -m rso_ext train` run folder "
+                        "instead of training here")
     return p
 
 
@@ -144,6 +153,32 @@ def train(args, splits: data.Splits) -> tuple[list[dict], str]:
     return rows, rso.backend
 
 
+def rows_from_run(run_dir: Path) -> list[dict]:
+    """The per-cycle rows of ``train`` (same keys, plus ``cpu_seconds``) from a CLI run folder."""
+    path = run_dir / cli.METRICS
+    if not path.exists():
+        raise SystemExit(f"error: --from-run {run_dir}: no {cli.METRICS} there (not a run folder)")
+    rows: list[dict] = []
+    units: list[dict] = []
+    train_s = 0.0
+    for line in path.read_text().splitlines():
+        r = json.loads(line)
+        if r["type"] == "sweep":
+            train_s += r["seconds"]
+            units.append({k: r[k] for k in ("layer", "weights", "accepted", "mean_loss", "sigma",
+                                            "seconds")})
+        elif r["type"] == "cycle":
+            row = {k: r[k] for k in ("cycle", "test_acc", "test_loss", "val_acc", "val_loss",
+                                     "seconds", "cpu_seconds") if k in r}
+            row.update(train_seconds=train_s, cycle_seconds=sum(u["seconds"] for u in units),
+                       units=units)
+            rows.append(row)
+            units = []
+    if not rows:
+        raise SystemExit(f"error: --from-run {run_dir}: no finished cycle in {path} yet")
+    return rows
+
+
 def baseline(args, splits: data.Splits) -> list[float]:
     """Seconds of each of the first ``--baseline-cycles`` cycles with backend="torch"."""
     rso = _make_rso(args, "torch")
@@ -186,12 +221,26 @@ def plot(rows: list[dict], path: Path, title: str) -> Path | None:
 # -- main -------------------------------------------------------------------------------------------
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    run_cfg = None
+    if args.from_run:
+        if args.baseline_cycles:
+            raise SystemExit("error: --baseline-cycles trains here; it cannot go with --from-run")
+        run_cfg = cli._read_config(Path(args.from_run))
+        for k in ("model", "batch_size", "cycles", "val_size", "train_size", "calib_size",
+                  "seed", "device", "backend", "data_root"):
+            setattr(args, k, run_cfg[k])
+        if args.data_root is None:
+            args.data_root = "embedded"
     _resolve(args)
     if args.threads:
         torch.set_num_threads(args.threads)
     malloc_tuned = runtime.reuse_freed_memory()
     t_start = time.perf_counter()
-    splits = data.load_splits("mnist", root=args.data_root, val_size=args.val_size, seed=args.seed)
+    if run_cfg is not None:
+        splits = cli._load_data(run_cfg)          # the run's own split, for the sizes
+    else:
+        splits = data.load_splits("mnist", root=args.data_root, val_size=args.val_size,
+                                  seed=args.seed)
     if args.train_size is not None:
         splits.train_x = splits.train_x[:args.train_size]
         splits.train_y = splits.train_y[:args.train_size]
@@ -201,18 +250,24 @@ def main(argv: Sequence[str] | None = None) -> int:
           f"{args.cycles} cycle(s), backend={args.backend}, device={args.device}, "
           f"{torch.get_num_threads()} thread(s)", flush=True)
 
-    rows, backend_used = train(args, splits)
+    if run_cfg is not None:
+        rows, backend_used = rows_from_run(Path(args.from_run)), args.backend
+        print(f"from run {args.from_run}: {len(rows)} finished cycle(s)", flush=True)
+    else:
+        rows, backend_used = train(args, splits)
     base = baseline(args, splits) if args.baseline_cycles else []
 
     res: dict[str, Any] = dict(model=args.model, device=args.device, batch=args.batch_size,
                                cycles=args.cycles, backend=backend_used)
     last = rows[-1]["cycle"]
-    for c in sorted({1, 5, 50, last}):
+    for c in sorted({1, 2, 3, 4, 5, 10, 20, 50, last}):
         if c <= last:
             res[f"test_acc_{c}"] = rows[c - 1]["test_acc"]
             if "val_acc" in rows[c - 1]:
                 res[f"val_acc_{c}"] = rows[c - 1]["val_acc"]
             res[f"seconds_{c}"] = rows[c - 1]["seconds"]
+            if "cpu_seconds" in rows[c - 1]:
+                res[f"cpu_seconds_{c}"] = rows[c - 1]["cpu_seconds"]
     mean_cycle = sum(r["cycle_seconds"] for r in rows) / len(rows)
     res["cycle_s"] = mean_cycle
     if base:
@@ -257,6 +312,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "backend_used": backend_used,
         "seed": args.seed,
         "quick": args.quick,
+        "run_dir": os.path.relpath(args.from_run, ROOT) if args.from_run else None,
+        "run_config": run_cfg,
         "seconds_note": "seconds: cumulative wall time incl. per-cycle BN calibration and "
                         "evaluation; train_seconds / cycle_seconds: sums of unit sweeps",
         "rows": rows,

@@ -228,7 +228,7 @@ def train(args: argparse.Namespace) -> int:
     if hasattr(rso, "check"):
         rso.check(splits.train_x, splits.train_y)
     metrics_path, ckpt_path = run_dir / METRICS, run_dir / CKPT
-    elapsed = 0.0
+    elapsed = cpu_elapsed = 0.0
     if args.resume:
         for stale in run_dir.glob(".*.tmp*"):        # left by a write that was killed
             stale.unlink(missing_ok=True)
@@ -245,6 +245,7 @@ def train(args: argparse.Namespace) -> int:
                     "the metrics file was truncated or replaced after that checkpoint")
             _truncate_lines(metrics_path, ck["metrics_lines"])
             elapsed = ck["elapsed"]
+            cpu_elapsed = ck.get("cpu_elapsed", 0.0)   # older checkpoints lack it
             print(f"resuming {run_dir} at cycle {rso.cycle + 1}, unit {rso.unit + 1} "
                   f"(from {src.name})", flush=True)
     else:
@@ -257,21 +258,26 @@ def train(args: argparse.Namespace) -> int:
     if getattr(rso, "backend_reason", ""):
         print(f"backend {rso.backend_reason}", flush=True)
 
+    # wall seconds and this process's CPU seconds (all threads), both carried across resumes;
+    # CPU seconds do not count time the process was stopped or waiting for another process
     t_start = time.perf_counter() - elapsed
+    c_start = time.process_time() - cpu_elapsed
     for stats in _stop_note(rso.run(splits.train_x, splits.train_y,
                                     progress=not args.no_progress), rso, run_dir):
         records = [dict(type="sweep", **stats.as_dict())]
         if stats.cycle_done:
             ev = _evaluate(rso, splits)
             rec = dict(type="cycle", cycle=stats.cycle + 1,
-                       seconds=time.perf_counter() - t_start, **ev)
+                       seconds=time.perf_counter() - t_start,
+                       cpu_seconds=time.process_time() - c_start, **ev)
             records.append(rec)
             print(f"cycle {rec['cycle']}/{cfg['cycles']}: "
                   + " ".join(f"{k}={v:.4f}" for k, v in ev.items())
                   + f" ({rec['seconds']:.1f} s)", flush=True)
         _append_lines(metrics_path, records)
         checkpoint.save({"rso": rso.state_dict(), "metrics_lines": _count_lines(metrics_path),
-                         "elapsed": time.perf_counter() - t_start}, ckpt_path)
+                         "elapsed": time.perf_counter() - t_start,
+                         "cpu_elapsed": time.process_time() - c_start}, ckpt_path)
 
     result = dict(model=cfg["model"], method=cfg.get("method", "rso"), data=cfg["data"],
                   cycles=cfg["cycles"],

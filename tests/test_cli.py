@@ -51,7 +51,13 @@ def _lines(run: Path) -> list[dict]:
     rows = [json.loads(line) for line in (run / cli.METRICS).read_text().splitlines()]
     for r in rows:
         r.pop("seconds", None)
+        r.pop("cpu_seconds", None)
     return rows
+
+
+def _cpu_seconds(run: Path) -> list[float]:
+    rows = [json.loads(line) for line in (run / cli.METRICS).read_text().splitlines()]
+    return [r["cpu_seconds"] for r in rows if r["type"] == "cycle"]
 
 
 def _weights(run: Path) -> dict:
@@ -71,6 +77,8 @@ def test_train_writes_metrics_checkpoint_and_result(full_run):
     cycles = [r for r in rows if r["type"] == "cycle"]
     assert len(sweeps) == 2 * 7 and [c["cycle"] for c in cycles] == [1, 2]
     assert {"val_acc", "test_acc", "val_loss", "test_loss"} <= set(cycles[0])
+    c1, c2 = _cpu_seconds(full_run)
+    assert 0 < c1 < c2
     result = json.loads((full_run / cli.RESULT).read_text())
     assert 0.0 <= result["test_acc"] <= 1.0 and result["cycles"] == 2
     assert json.loads((full_run / cli.CONFIG).read_text())["batch_size"] == 25
@@ -95,8 +103,13 @@ def test_interrupted_run_resumes_to_the_same_weights_and_metrics(tiny_root, full
     # a line logged after the last checkpoint must not be duplicated on resume
     with open(out / cli.METRICS, "a") as f:
         f.write(json.dumps({"type": "sweep", "stale": True}) + "\n")
+    # the resumed process's clock stands still: cycle 2's CPU seconds are then exactly what the
+    # checkpoint carried over, which includes cycle 1's
+    monkeypatch.setattr(cli.time, "process_time", lambda: 0.0)
     assert cli.main(["train", "--resume", str(out), "--no-progress"]) == 0
     assert _lines(out) == _lines(full_run)
+    c1, c2 = _cpu_seconds(out)
+    assert 0 < c1 <= c2
     a, b = _weights(out), _weights(full_run)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
