@@ -225,6 +225,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.from_run:
         if args.baseline_cycles:
             raise SystemExit("error: --baseline-cycles trains here; it cannot go with --from-run")
+        for need in (cli.CONFIG, cli.METRICS):
+            if not (Path(args.from_run) / need).exists():
+                raise SystemExit(f"error: --from-run {args.from_run}: no {need} there "
+                                 "(not a run folder of `python -m rso_ext train`)")
         run_cfg = cli._read_config(Path(args.from_run))
         for k in ("model", "batch_size", "cycles", "val_size", "train_size", "calib_size",
                   "seed", "device", "backend", "data_root"):

@@ -64,3 +64,36 @@ def test_reproduce_paper_tiny(script, tmp_path, capsys, one_thread, baseline):
     pairs = dict(kv.split("=", 1) for kv in last.split()[1:])
     assert set(pairs) == set(res)
     assert float(pairs["test_acc_2"]) == pytest.approx(res["test_acc_2"], rel=1e-5)
+
+
+def test_from_run_reports_a_cli_run_folder(script, tmp_path, capsys, one_thread):
+    """--from-run: the rows of a `python -m rso_ext train` folder (the way a run of hours is made
+    resumable), equal to what the CLI recorded, with its CPU seconds; refusals are clear."""
+    from rso_ext import cli
+    run = tmp_path / "run"
+    assert cli.main(["train", "--model", "tiny", "--out", str(run), "--batch-size", "25",
+                     "--val-size", "50", "--train-size", "150", "--calib-size", "60",
+                     "--cycles", "2", "--seed", "3", "--no-progress"]) == 0
+    recs = [json.loads(x) for x in (run / cli.METRICS).read_text().splitlines()]
+    cycles = [r for r in recs if r["type"] == "cycle"]
+    out = tmp_path / "r.json"
+    assert script.main(["--from-run", str(run), "--out", str(out), "--no-plot"]) == 0
+    doc = json.loads(out.read_text())
+    assert doc["run_config"]["batch_size"] == 25 and doc["batch_size"] == 25
+    assert doc["train_size"] == 150 and doc["val_size"] == 50
+    rows = doc["rows"]
+    assert [r["cycle"] for r in rows] == [1, 2]
+    for row, rec in zip(rows, cycles):
+        for k in ("test_acc", "val_acc", "seconds", "cpu_seconds"):
+            assert row[k] == rec[k], k
+    sweeps = [r for r in recs if r["type"] == "sweep"]
+    assert sum(len(r["units"]) for r in rows) == len(sweeps)
+    assert rows[-1]["train_seconds"] == pytest.approx(sum(r["seconds"] for r in sweeps))
+    res = doc["result"]
+    assert res["test_acc_2"] == cycles[1]["test_acc"]
+    assert res["cpu_seconds_2"] == cycles[1]["cpu_seconds"]
+    capsys.readouterr()
+    with pytest.raises(SystemExit, match="no config.json there"):
+        script.main(["--from-run", str(tmp_path), "--out", str(out)])
+    with pytest.raises(SystemExit, match="cannot go with --from-run"):
+        script.main(["--from-run", str(run), "--baseline-cycles", "1", "--out", str(out)])
