@@ -2,14 +2,12 @@
 
 ::
 
-    opt = rso_ext.optim.TicketFinder(model.parameters(), sparsity=0.5, cycles=5,
-                                     pool_size=len(x), batch_size=256)
+    opt = rso_ext.optim.TicketFinder(model.parameters(), sparsity=0.5)
 
-    def closure(idx):                       # no backward: the loss of the current parameters
-        return F.cross_entropy(model(x[idx]), y[idx], reduction="sum")
-
-    for _ in range(5):
-        opt.step(closure)
+    for data, target in train_loader:
+        def closure():                      # no backward: the loss of the current parameters
+            return F.nll_loss(model(data), target)
+        loss = opt.step(closure)            # the next 32 weights
 
 **The closure contract.** ``step(closure)`` calls the closure many times, each time with the
 parameters set to one candidate, under ``torch.no_grad()``; the closure returns the loss (a scalar
@@ -20,13 +18,26 @@ an int64 CPU tensor of ``B`` indices into the training set. Without ``pool_size`
 ``closure()`` and the closure must use the same data for every call of one step.
 
 **What one step is.** For the per-weight methods (:class:`RandomSearch`,
-:class:`SimulatedAnnealing`, :class:`TicketFinder`) one step is one sweep: every parameter
-tensor in the order given (param groups in order, then their parameters), every entry in row-major
-order, with the streams of
-:mod:`rso_ext.streams` drawn up front per tensor (SA's acceptance uniforms right after); ``cycles``
-sets the length of the annealing and sparsity schedules (step ``s`` is cycle ``s``). For
+:class:`SimulatedAnnealing`, :class:`TicketFinder`) one step visits the next ``weights_per_step``
+weights (default :data:`WEIGHTS_PER_STEP` = 32), going on where the previous step stopped
+(fewer at the end of a sweep: a step never spans two sweeps), so a step costs a bounded amount of
+work and fits the loop every PyTorch user writes (one ``step``
+per minibatch). A *sweep* visits every parameter tensor in the order given (param groups in
+order, then their parameters), every entry in row-major order, with the streams of
+:mod:`rso_ext.streams` drawn when the sweep reaches the tensor (SA's acceptance uniforms right
+after); ``cycles`` sets the length of the annealing and sparsity schedules (sweep ``s`` is cycle
+``s``; ``opt.sweeps`` counts the finished ones). ``weights_per_step=None`` makes one step one
+whole sweep. Either way the draws and decisions are the same: only where the steps cut differs.
+``step`` returns what the closure returned for the value kept at the last weight visited (the
+loss of the parameters as the step leaves them, on that weight's minibatch). For
 :class:`EvolutionStrategy` and :class:`GeneticAlgorithm` one step is one generation over the
 concatenation of all parameters (hyperparameters are read from the first param group).
+
+**Randomness inside the closure.** The candidates of one weight (and the members of one
+generation) are compared under the same randomness: torch's global random state (the CPU's and
+the parameter's CUDA device's) is saved before the first closure call and restored before each
+further one, so a model in train mode draws the same dropout masks for each candidate. The next
+weight draws afresh.
 
 **Matching the class forms.** Each class here is the method of the same name in
 :mod:`rso_ext.methods` (``RandomSearch``, also named ``RSO``, is :class:`rso_ext.RSO`; the
@@ -49,6 +60,7 @@ count, per-parameter search state such as masks and initial weights, ES moments,
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Any, Callable, Dict, Iterable, List, Optional
 
@@ -72,6 +84,11 @@ __all__ = ["RandomSearch", "RSO", "SimulatedAnnealing", "TicketFinder", "Evoluti
            "GeneticAlgorithm", "visiting_order"]
 
 
+#: weights a per-weight optimizer visits per ``step`` unless told otherwise: a few closure calls per
+#: weight, so a step costs about 100 forward passes of the closure's minibatch
+WEIGHTS_PER_STEP = 32
+
+
 def visiting_order(model: nn.Module, sample: torch.Tensor, weights_only: bool = False
                    ) -> List[nn.Parameter]:
     """``model``'s parameters in the visiting order of the per-weight class forms (layers last to
@@ -90,25 +107,53 @@ class _ParamUnit:
         self.param, self.name = param, name
 
 
-class _ClosureEvaluator:
-    """Candidate evaluator (``losses``/``set``) that calls the closure once per candidate."""
+class _SameRandomness:
+    """Saves torch's global random state (the CPU's and, for a CUDA parameter, its device's) and
+    puts it back before each further closure call of one weight (or one generation), so dropout
+    and every other random op of the model draw the same numbers for each candidate. After the
+    last call the state runs on from there: the next weight draws new numbers."""
 
-    def __init__(self, param: torch.Tensor, call: Callable[[Optional[torch.Tensor]], float]):
-        self.param, self.call = param, call
+    def __init__(self, device: torch.device) -> None:
+        self.cpu = torch.get_rng_state()
+        self.cuda = (device, torch.cuda.get_rng_state(device)) if device.type == "cuda" else None
+
+    def restore(self) -> None:
+        torch.set_rng_state(self.cpu)
+        if self.cuda is not None:
+            torch.cuda.set_rng_state(self.cuda[1], self.cuda[0])
+
+
+class _ClosureEvaluator:
+    """Candidate evaluator (``losses``/``set``) that calls the closure once per candidate, each
+    call under the same randomness; ``last`` is what the closure returned for the candidate kept
+    at the latest weight. ``scale`` multiplies the losses the decision sees."""
+
+    def __init__(self, param: torch.Tensor, call: Callable[[Optional[torch.Tensor]], Any],
+                 scale: float = 1.0):
+        self.param, self.call, self.scale = param, call, scale
+        self.last: Any = None
+        self._k, self._values, self._raw = -1, None, []
 
     def begin(self, unit, x) -> None:
         pass
 
     def losses(self, k: int, values: torch.Tensor, idx, target=None) -> torch.Tensor:
         flat = self.param.data.view(-1)
-        out = []
-        for v in values:
+        rng = _SameRandomness(flat.device)
+        raw = []
+        for j, v in enumerate(values):
+            if j:
+                rng.restore()
             flat[k] = v
-            out.append(self.call(idx))
-        return torch.tensor(out, dtype=torch.float64)
+            raw.append(self.call(idx))
+        self._k, self._values, self._raw = k, values, raw
+        return torch.tensor([float(r) * self.scale for r in raw], dtype=torch.float64)
 
     def set(self, k: int, value: torch.Tensor) -> None:
         self.param.data.view(-1)[k] = value
+        if k == self._k:
+            j = int((self._values == value).nonzero()[0])
+            self.last = self._raw[j]
 
     def end(self) -> None:
         pass
@@ -138,8 +183,7 @@ class _GradientFree(torch.optim.Optimizer):
 
         def call(idx):
             with torch.no_grad():
-                loss = closure(idx) if with_idx else closure()
-            return float(loss)
+                return closure(idx) if with_idx else closure()
         return call
 
     def _batch(self) -> Optional[torch.Tensor]:
@@ -176,32 +220,97 @@ def _clone(obj, device=None):
 
 # -- per-weight methods ----------------------------------------------------------------------------
 class _PerWeight(_GradientFree):
-    def __init__(self, params, defaults, cycles, sampler, pool_size, batch_size, generator):
+    """A sweep visits every entry of every parameter (param groups in order); one ``step`` visits
+    the next ``weights_per_step`` entries, going on where the last step stopped and into the next
+    tensor as needed, and ends early at the end of a sweep (a step never spans two sweeps);
+    ``weights_per_step=None``: one whole sweep per step.
+    A tensor's streams are drawn when the sweep reaches it, so the pieces make the same draws and
+    decisions as one whole sweep. ``sweeps`` counts the finished sweeps (the cycle of the
+    schedules), ``moves`` the weights changed by the loss."""
+
+    def __init__(self, params, defaults, cycles, sampler, pool_size, batch_size, generator,
+                 weights_per_step):
         check_int("cycles", cycles, 1)
         check_choice("sampler", sampler, SAMPLERS)
+        if weights_per_step is not None:
+            check_int("weights_per_step", weights_per_step, 1)
         defaults = dict(defaults, cycles=cycles, sampler=sampler)
         super().__init__(params, defaults, pool_size, batch_size, generator)
+        self.weights_per_step = weights_per_step
+        self.sweeps = 0
+        self.moves = 0
+        self.pos: Optional[Dict[str, Any]] = None     # the tensor being swept and its streams
 
     @property
     def cycle(self) -> int:
-        return min(self.steps, self.param_groups[0]["cycles"] - 1)
+        return min(self.sweeps, self.param_groups[0]["cycles"] - 1)
 
     def _streams(self, p: torch.Tensor, sigma: float, sampler: str) -> SweepStreams:
         pool = self.pool_size or 1
         return SweepStreams.draw(self.generator, p.numel(), sigma, pool, self.batch_size or 1,
                                  sampler)
 
+    def _units(self) -> List[tuple]:
+        return [(g, p) for g in self.param_groups for p in g["params"]]
+
     @torch.no_grad()
     def step(self, closure=None):
+        """Visits the next ``weights_per_step`` weights (or a whole sweep); returns what the
+        closure returned for the value kept at the last weight visited."""
         call = self._caller(closure)
-        accepted = 0
-        i = 0
-        for group in self.param_groups:
-            for p in group["params"]:
-                accepted += self._sweep(i, p, group, call)
-                i += 1
+        units = self._units()
+        budget = self.weights_per_step
+        last = None
+        while budget is None or budget > 0:
+            if self.pos is None:
+                self.pos = self._start(0, *units[0])
+            i, k = self.pos["param"], self.pos["k"]
+            g, p = units[i]
+            stop = p.numel() if budget is None else min(p.numel(), k + budget)
+            ev = _ClosureEvaluator(p, call)
+            self.moves += self._visit(i, p, g, ev, k, stop)
+            last = ev.last if ev.last is not None else last
+            if budget is not None:
+                budget -= stop - k
+            if stop < p.numel():
+                self.pos["k"] = stop
+            elif i + 1 < len(units):
+                self.pos = self._start(i + 1, *units[i + 1])
+            else:                       # the sweep is done: the step ends with it
+                self.pos = None
+                self.sweeps += 1
+                break
         self.steps += 1
-        return accepted
+        return last
+
+    def _start(self, i: int, g: Dict[str, Any], p: torch.Tensor) -> Dict[str, Any]:
+        """The state of the sweep of tensor ``i`` at its first weight (its streams drawn)."""
+        raise NotImplementedError
+
+    def _visit(self, i, p, g, ev, k0: int, k1: int) -> int:
+        """Visit weights ``k0 .. k1-1`` of tensor ``i``; returns the weights changed."""
+        raise NotImplementedError
+
+    def state_dict(self) -> Dict[str, Any]:
+        sd = super().state_dict()
+        pos = None
+        if self.pos is not None:
+            pos = _clone({k: (dataclasses.asdict(v) if isinstance(v, SweepStreams) else v)
+                          for k, v in self.pos.items()})
+        sd["rso_ext"].update(sweeps=self.sweeps, moves=self.moves, pos=pos)
+        return sd
+
+    def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)
+        ours = state_dict["rso_ext"]
+        # states saved when one step was one sweep have no "sweeps": there steps were sweeps
+        self.sweeps = int(ours.get("sweeps", self.steps))
+        self.moves = int(ours.get("moves", 0))
+        pos = ours.get("pos")
+        if pos is not None:
+            pos = _clone(pos)
+            pos["streams"] = SweepStreams(**pos["streams"])
+        self.pos = pos
 
 
 def _sigma0(p: torch.Tensor, sigma, sample_scale: float, bn_sigma: float) -> float:
@@ -226,7 +335,8 @@ class RandomSearch(_PerWeight):
                  weight_decay: float = 1e-4, sigma="he", sample_scale: float = 1.0,
                  bn_sigma: float = schedule.BN_SIGMA, sampler: str = "shuffle",
                  pool_size: Optional[int] = None, batch_size: Optional[int] = None,
-                 generator: Optional[torch.Generator] = None) -> None:
+                 generator: Optional[torch.Generator] = None,
+                 weights_per_step: Optional[int] = WEIGHTS_PER_STEP) -> None:
         check_range("alpha", alpha, 0.0, 1.0)
         check_range("weight_decay", weight_decay, 0.0, 1.0, hi_open=True)
         if isinstance(sigma, str):
@@ -235,17 +345,19 @@ class RandomSearch(_PerWeight):
             check_range("sigma", sigma, 0.0)
         super().__init__(params, dict(alpha=alpha, weight_decay=weight_decay, sigma=sigma,
                                       sample_scale=sample_scale, bn_sigma=bn_sigma),
-                         cycles, sampler, pool_size, batch_size, generator)
+                         cycles, sampler, pool_size, batch_size, generator, weights_per_step)
 
-    def _sweep(self, i, p, g, call) -> int:
+    def _start(self, i, g, p):
         s0 = _sigma0(p, g["sigma"], g["sample_scale"], g["bn_sigma"])
-        streams = self._streams(p, schedule.annealed(s0, self.cycle, g["cycles"], g["alpha"]),
-                                g["sampler"])
-        sweeper = TorchSweeper(_ParamUnit(p, f"param{i}"), _ClosureEvaluator(p, call))
+        return dict(param=i, k=0, streams=self._streams(
+            p, schedule.annealed(s0, self.cycle, g["cycles"], g["alpha"]), g["sampler"]))
+
+    def _visit(self, i, p, g, ev, k0, k1) -> int:
+        sweeper = TorchSweeper(_ParamUnit(p, f"param{i}"), ev)
         sweeper.begin(torch.empty(0, device=p.device),
                       torch.zeros(self.pool_size or 1, dtype=torch.int64))
         try:
-            accepted, _ = sweeper.run(0, p.numel(), streams, 1.0 - g["weight_decay"])
+            accepted, _ = sweeper.run(k0, k1, self.pos["streams"], 1.0 - g["weight_decay"])
         finally:
             sweeper.end()
         return accepted
@@ -277,19 +389,17 @@ class SimulatedAnnealing(RandomSearch):
         self.defaults.update(t0=t0, t_final=t_final, schedule=schedule)
         self.reduction = reduction
 
-    def _sweep(self, i, p, g, call) -> int:
-        s0 = _sigma0(p, g["sigma"], g["sample_scale"], g["bn_sigma"])
-        streams = self._streams(p, schedule.annealed(s0, self.cycle, g["cycles"], g["alpha"]),
-                                g["sampler"])
-        u = torch.rand(p.numel(), generator=self.generator, dtype=torch.float64)
+    def _start(self, i, g, p):
+        pos = super()._start(i, g, p)      # the streams, then the acceptance uniforms
+        pos["uniforms"] = torch.rand(p.numel(), generator=self.generator, dtype=torch.float64)
+        return pos
+
+    def _visit(self, i, p, g, ev, k0, k1) -> int:
         temp = temperature(g["t0"], g["t_final"], self.cycle, g["cycles"], g["schedule"])
         # sa_loop divides the loss change by the minibatch length: undo that for mean losses
-        scale = 1.0 if self.reduction == "sum" else float(self.batch_size or 1)
-
-        def scaled(idx):
-            return call(idx) * scale
-        accepted, _ = sa_loop(_ParamUnit(p, f"param{i}"), _ClosureEvaluator(p, scaled), None, 0,
-                              p.numel(), streams, 1.0 - g["weight_decay"], u, temp)
+        ev.scale = 1.0 if self.reduction == "sum" else float(self.batch_size or 1)
+        accepted, _ = sa_loop(_ParamUnit(p, f"param{i}"), ev, None, k0, k1, self.pos["streams"],
+                              1.0 - g["weight_decay"], self.pos["uniforms"], temp)
         return accepted
 
 
@@ -306,25 +416,31 @@ class TicketFinder(_PerWeight):
     def __init__(self, params: Iterable, *, sparsity: float = 0.5, cycles: int = 5,
                  schedule: str = "constant", init: str = "model", sampler: str = "shuffle",
                  pool_size: Optional[int] = None, batch_size: Optional[int] = None,
-                 generator: Optional[torch.Generator] = None) -> None:
+                 generator: Optional[torch.Generator] = None,
+                 weights_per_step: Optional[int] = WEIGHTS_PER_STEP) -> None:
         check_range("sparsity", sparsity, 0.0, 1.0, hi_open=True)
         check_choice("schedule", schedule, TICKET_SCHEDULES)
         check_choice("init", init, INITS)
         super().__init__(params, dict(sparsity=sparsity, schedule=schedule, init=init),
-                         cycles, sampler, pool_size, batch_size, generator)
+                         cycles, sampler, pool_size, batch_size, generator, weights_per_step)
 
-    def _sweep(self, i, p, g, call) -> int:
+    def _start(self, i, g, p):
         st = self.extra.setdefault(i, {})
         if "w_init" not in st:
             if g["init"] == "signed_constant":
                 signed_constant_(p.data)
             st["w_init"] = p.detach().clone()
             st["mask"] = torch.ones(p.numel(), dtype=torch.bool)
-        streams = self._streams(p, 0.0, g["sampler"])
         cap = kept_cap(p.numel(), target_sparsity(g["sparsity"], self.cycle, g["cycles"],
                                                   g["schedule"]))
-        flips, _, _ = ticket_loop(_ParamUnit(p, f"param{i}"), _ClosureEvaluator(p, call), None,
-                                  0, p.numel(), streams, st["w_init"].view(-1), st["mask"], cap)
+        return dict(param=i, k=0, streams=self._streams(p, 0.0, g["sampler"]), cap=cap,
+                    cost=torch.full((p.numel(),), math.inf, dtype=torch.float64))
+
+    def _visit(self, i, p, g, ev, k0, k1) -> int:
+        st, pos = self.extra[i], self.pos
+        flips, _, _ = ticket_loop(_ParamUnit(p, f"param{i}"), ev, None, k0, k1, pos["streams"],
+                                  st["w_init"].view(-1), st["mask"], pos["cap"],
+                                  cost=pos["cost"], prune=k1 == p.numel())
         return flips
 
     def masks(self) -> List[Optional[torch.Tensor]]:
@@ -346,10 +462,15 @@ class _Population(_GradientFree):
         torch.nn.utils.vector_to_parameters(theta, self._params())
 
     def _evaluate(self, thetas: torch.Tensor, call, idx) -> torch.Tensor:
+        """The members' losses, each closure call under the same randomness (as the candidates
+        of one weight are)."""
+        rng = _SameRandomness(self._params()[0].device)
         out = []
-        for t in thetas:
+        for j, t in enumerate(thetas):
+            if j:
+                rng.restore()
             self._write(t)
-            out.append(call(idx))
+            out.append(float(call(idx)))
         return torch.tensor(out, dtype=torch.float64)
 
 

@@ -48,7 +48,7 @@ def test_ticket_finder_matches_the_class_form(mnist):
                              cycles=2, schedule="linear", pool_size=len(x), batch_size=50,
                              generator=_g(5))
     b.train()
-    for _ in range(2):
+    while opt.sweeps < 2:                           # 32 weights a step, sweeps cut anywhere
         opt.step(summed_closure(b, x, y))
     _assert_same_weights(a, b)
     assert torch.equal(opt.masks()[0].view(-1), tf.masks["fc.weight"])
@@ -62,8 +62,10 @@ def test_simulated_annealing_matches_the_class_form(mnist):
     accepted = sum(s.accepted for s in sa.run(x, y))
     opt = optim.SimulatedAnnealing(optim.visiting_order(b, x[:2]), cycles=2, t0=1e-3,
                                    t_final=1e-4, reduction="sum", pool_size=len(x),
-                                   batch_size=50, generator=_g(2))
-    assert opt.step(summed_closure(b, x, y)) + opt.step(summed_closure(b, x, y)) == accepted
+                                   batch_size=50, generator=_g(2), weights_per_step=None)
+    opt.step(summed_closure(b, x, y))
+    opt.step(summed_closure(b, x, y))
+    assert opt.sweeps == 2 and opt.moves == accepted
     _assert_same_weights(a, b)
 
 
@@ -134,8 +136,9 @@ def test_generic_path_decreases_the_loss(make, mnist):
     with torch.no_grad():
         before = float(closure())
     opt = make(net.parameters())
-    steps = 1 if isinstance(opt, optim._PerWeight) else 30
-    for _ in range(steps):
+    for _ in range(30):
+        opt.step(closure)
+    while isinstance(opt, optim._PerWeight) and opt.sweeps < 1:
         opt.step(closure)
     with torch.no_grad():
         after = float(closure())
@@ -145,14 +148,16 @@ def test_generic_path_decreases_the_loss(make, mnist):
 # -- state ----------------------------------------------------------------------------------------
 @pytest.mark.parametrize("make", [
     lambda p, n: optim.TicketFinder(p, cycles=3, sparsity=0.4, schedule="linear", pool_size=n,
-                                    batch_size=40, generator=_g(8)),
+                                    batch_size=40, generator=_g(8), weights_per_step=37),
     lambda p, n: optim.EvolutionStrategy(p, population=6, sigma=0.05, pool_size=n,
                                          batch_size=40, generator=_g(8)),
     lambda p, n: optim.GeneticAlgorithm(p, population=6, sigma=0.05, pool_size=n,
                                         batch_size=40, generator=_g(8)),
     lambda p, n: optim.SimulatedAnnealing(p, cycles=3, pool_size=n, batch_size=40,
-                                          generator=_g(8)),
-], ids=["ticket", "es", "ga", "sa"])
+                                          generator=_g(8), weights_per_step=37),
+    lambda p, n: optim.RandomSearch(p, cycles=3, pool_size=n, batch_size=40, generator=_g(8),
+                                    weights_per_step=None),
+], ids=["ticket", "es", "ga", "sa", "rso-whole-sweeps"])
 def test_state_dict_round_trip(make, mnist):
     x, y = mnist
 
@@ -165,7 +170,8 @@ def test_state_dict_round_trip(make, mnist):
     full = micro_net()
     initial = copy.deepcopy(full.state_dict())
     o_full = make(list(full.parameters()), len(x))
-    n = 2 if isinstance(o_full, optim._PerWeight) else 4
+    # per-weight: 37 of the 170 weights a step, so the state is saved in the middle of a tensor
+    n = {None: 2, 37: 10}[o_full.weights_per_step] if isinstance(o_full, optim._PerWeight) else 4
     for _ in range(n):
         o_full.step(summed_closure(full, x, y))
 
@@ -206,3 +212,105 @@ def test_bad_arguments_are_named():
         optim.EvolutionStrategy(p).step()
     with pytest.raises(ValueError, match="no 'rso_ext' entry"):
         optim.EvolutionStrategy(p).load_state_dict({"state": {}, "param_groups": []})
+
+
+# -- a step per minibatch --------------------------------------------------------------------------
+def _per_weight(kind, params, n, wps):
+    common = dict(cycles=2, pool_size=n, batch_size=40, generator=_g(6), weights_per_step=wps)
+    if kind == "rso":
+        return optim.RandomSearch(params, **common)
+    if kind == "sa":
+        return optim.SimulatedAnnealing(params, t0=1e-3, **common)
+    return optim.TicketFinder(params, sparsity=0.4, schedule="linear", **common)
+
+
+@pytest.mark.parametrize("kind", ["rso", "sa", "ticket"])
+def test_bounded_steps_decide_as_whole_sweeps(kind, mnist):
+    """Steps of 7 weights (cutting tensors anywhere, crossing from one tensor to the next) reach
+    the weights of one-sweep steps; a step never spans two sweeps."""
+    x, y = mnist
+    nets = [mini_net(bn=False, width=1) for _ in range(2)]
+    opts = [_per_weight(kind, list(net.parameters()), len(x), wps)
+            for net, wps in zip(nets, (None, 7))]
+    for opt, net in zip(opts, nets):
+        sweeps_seen = []
+        while opt.sweeps < 2:
+            before = opt.sweeps
+            opt.step(summed_closure(net, x, y))
+            assert opt.sweeps - before <= 1
+            sweeps_seen.append(opt.sweeps)
+        assert opt.pos is None
+    total = sum(p.numel() for p in nets[0].parameters())
+    assert opts[0].steps == 2 and opts[1].steps == 2 * -(-total // 7)
+    _assert_same_weights(nets[0], nets[1])
+    assert opts[0].moves == opts[1].moves > 0
+
+
+class DropoutNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.drop, self.fc2 = nn.Linear(16, 12), nn.Dropout(0.5), nn.Linear(12, 10)
+
+    def forward(self, x):
+        return self.fc2(self.drop(torch.relu(self.fc1(F.avg_pool2d(x, 7).flatten(1)))))
+
+
+def test_candidates_of_one_weight_see_the_same_dropout(mnist):
+    """sigma=0: the three candidates of a weight are one value, so under the same randomness the
+    closure returns one loss three times; the next weight draws a new mask."""
+    x, y = mnist
+    torch.manual_seed(0)
+    net = DropoutNet().train()
+    seen = []
+
+    def closure():
+        loss = F.cross_entropy(net(x[:64]), y[:64])
+        seen.append(float(loss))
+        return loss
+
+    opt = optim.RandomSearch(net.parameters(), sigma=0.0, weights_per_step=5)
+    returned = opt.step(closure)
+    assert len(seen) == 15
+    per_weight = [seen[i:i + 3] for i in range(0, 15, 3)]
+    assert all(a == b == c for a, b, c in per_weight), per_weight
+    assert len({w[0] for w in per_weight}) > 1              # new dropout masks weight to weight
+    assert float(returned) == per_weight[-1][0]
+
+
+def test_step_returns_the_loss_of_the_parameters_it_leaves(mnist):
+    x, y = mnist
+    net = LayerNormNet()
+
+    def closure():
+        return F.cross_entropy(net(x[:100]), y[:100])
+
+    opt = optim.RandomSearch(net.parameters())
+    for _ in range(3):
+        loss = opt.step(closure)
+        assert torch.is_tensor(loss)
+        with torch.no_grad():
+            assert float(loss) == float(closure())
+
+
+def test_state_of_whole_sweep_steps_still_loads(mnist):
+    """A state saved when one step was one sweep (no 'sweeps', no 'pos') counts its steps as
+    sweeps."""
+    x, y = mnist
+    net = mini_net(bn=False, width=1)
+    opt = optim.RandomSearch(list(net.parameters()), cycles=3, pool_size=len(x), batch_size=40,
+                             weights_per_step=None)
+    opt.step(summed_closure(net, x, y))
+    state = opt.state_dict()
+    for k in ("sweeps", "moves", "pos"):
+        del state["rso_ext"][k]
+    again = optim.RandomSearch(list(net.parameters()), cycles=3, pool_size=len(x),
+                               batch_size=40)
+    again.load_state_dict(state)
+    assert again.sweeps == 1 and again.cycle == 1 and again.pos is None
+
+
+def test_weights_per_step_is_checked():
+    p = list(mini_net().parameters())
+    for bad in (0, -3, 2.5):
+        with pytest.raises(ValueError, match="weights_per_step"):
+            optim.TicketFinder(p, weights_per_step=bad)

@@ -63,7 +63,7 @@ def sa_loop(unit: Unit, evaluator, y: torch.Tensor, k0: int, k1: int, streams, d
     deltas = streams.deltas[k0:k1].to(dev, flat.dtype)
     w = flat[k0:k1] * decay
     cands = torch.stack([w, w + deltas], dim=1)          # [m, 2]
-    u = uniforms.tolist()
+    u = uniforms[k0:k1].tolist()
     accepted, loss_sum = 0, 0.0
     for k in range(k0, k1):
         idx = streams.batch(k).to(dev)
@@ -72,7 +72,7 @@ def sa_loop(unit: Unit, evaluator, y: torch.Tensor, k0: int, k1: int, streams, d
         if not math.isfinite(losses[0]):
             evaluator.set(k, values[0])
             raise non_finite(unit, k, losses[0])
-        j = 1 if accept((losses[1] - losses[0]) / len(idx), u[k], temp) else 0
+        j = 1 if accept((losses[1] - losses[0]) / len(idx), u[k - k0], temp) else 0
         evaluator.set(k, values[j])
         accepted += j
         loss_sum += losses[j]

@@ -68,42 +68,50 @@ def signed_constant_(param: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def ticket_loop(unit: Unit, evaluator, y: Optional[torch.Tensor], k0: int, k1: int, streams,
-                w_init: torch.Tensor, mask: torch.Tensor, cap: int,
-                tick=None) -> tuple[int, int, float]:
+                w_init: torch.Tensor, mask: torch.Tensor, cap: int, tick=None,
+                cost: Optional[torch.Tensor] = None, prune: bool = True
+                ) -> tuple[int, int, float]:
     """Visit weights ``k0 .. k1-1`` (shared by the class and optimizer forms), then prune the
     excess over ``cap``. ``w_init`` is the flat initial weight, ``mask`` the flat bool mask (CPU),
-    updated in place. Returns (flips chosen by loss, forced prunes, sum of the kept losses)."""
+    updated in place. Returns (flips chosen by loss, forced prunes, sum of the kept losses).
+
+    A sweep of the tensor may come in pieces (the optimizer form's bounded steps): pass the same
+    ``cost`` (float64 [n], +inf where not visited; what pruning each kept weight would cost) to
+    every piece and ``prune=False`` but for the last, and the pieces decide as one call over
+    ``0 .. n-1`` does."""
     flat = unit.param.data.view(-1)
     dev = flat.device
     n = flat.numel()
-    cost = torch.full((n,), math.inf, dtype=torch.float64)
+    if cost is None:
+        cost = torch.full((n,), math.inf, dtype=torch.float64)
     zero = torch.zeros((), dtype=flat.dtype, device=dev)
     kept = int(mask.sum())
-    m = mask.tolist()
+    m = mask[k0:k1].tolist()
     flips, loss_sum = 0, 0.0
     for k in range(k0, k1):
         idx = streams.batch(k).to(dev)
-        cur = m[k]
+        cur = m[k - k0]
         values = torch.stack([w_init[k], zero] if cur else [zero, w_init[k]])
         losses = evaluator.losses(k, values, idx, y[idx] if y is not None else None).tolist()
         if not math.isfinite(losses[0]):
             evaluator.set(k, values[0])
+            mask[k0:k1] = torch.tensor(m, dtype=torch.bool)
             raise non_finite(unit, k, losses[0])
         flip = (math.isfinite(losses[1]) and losses[1] < losses[0] and (cur or kept < cap))
         j = 1 if flip else 0
         evaluator.set(k, values[j])
         if flip:
-            m[k] = not cur
+            m[k - k0] = not cur
             kept += -1 if cur else 1
             flips += 1
-        if m[k]:                        # kept after the visit: remember what pruning would cost
+        if m[k - k0]:                   # kept after the visit: remember what pruning would cost
             cost[k] = (losses[1] - losses[0]) if cur else (losses[0] - losses[1])
         loss_sum += losses[j]
         if tick is not None and (k % 64 == 63 or k == k1 - 1):
             tick(k + 1)
-    mask.copy_(torch.tensor(m, dtype=torch.bool))
+    mask[k0:k1] = torch.tensor(m, dtype=torch.bool)
     forced = 0
-    if kept > cap:
+    if prune and kept > cap:
         on = mask.nonzero().view(-1)
         order = torch.argsort(cost[on], stable=True)
         for k in on[order[:kept - cap]].tolist():
