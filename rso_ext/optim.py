@@ -226,7 +226,7 @@ class _PerWeight(_GradientFree):
     ``weights_per_step=None``: one whole sweep per step.
     A tensor's streams are drawn when the sweep reaches it, so the pieces make the same draws and
     decisions as one whole sweep. ``sweeps`` counts the finished sweeps (the cycle of the
-    schedules), ``moves`` the weights changed by the loss."""
+    schedules), ``visited`` the weights visited, ``moves`` those changed by the loss."""
 
     def __init__(self, params, defaults, cycles, sampler, pool_size, batch_size, generator,
                  weights_per_step):
@@ -238,6 +238,7 @@ class _PerWeight(_GradientFree):
         super().__init__(params, defaults, pool_size, batch_size, generator)
         self.weights_per_step = weights_per_step
         self.sweeps = 0
+        self.visited = 0
         self.moves = 0
         self.pos: Optional[Dict[str, Any]] = None     # the tensor being swept and its streams
 
@@ -269,6 +270,7 @@ class _PerWeight(_GradientFree):
             stop = p.numel() if budget is None else min(p.numel(), k + budget)
             ev = _ClosureEvaluator(p, call)
             self.moves += self._visit(i, p, g, ev, k, stop)
+            self.visited += stop - k
             last = ev.last if ev.last is not None else last
             if budget is not None:
                 budget -= stop - k
@@ -297,7 +299,7 @@ class _PerWeight(_GradientFree):
         if self.pos is not None:
             pos = _clone({k: (dataclasses.asdict(v) if isinstance(v, SweepStreams) else v)
                           for k, v in self.pos.items()})
-        sd["rso_ext"].update(sweeps=self.sweeps, moves=self.moves, pos=pos)
+        sd["rso_ext"].update(sweeps=self.sweeps, visited=self.visited, moves=self.moves, pos=pos)
         return sd
 
     def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
@@ -306,6 +308,7 @@ class _PerWeight(_GradientFree):
         # states saved when one step was one sweep have no "sweeps": there steps were sweeps
         self.sweeps = int(ours.get("sweeps", self.steps))
         self.moves = int(ours.get("moves", 0))
+        self.visited = int(ours.get("visited", 0))
         pos = ours.get("pos")
         if pos is not None:
             pos = _clone(pos)

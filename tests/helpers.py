@@ -122,3 +122,28 @@ def fused_sweep(sw, values: torch.Tensor, batches: torch.Tensor, k0: int = 0):
     return ops.fused_sweep(sw.x, sw.z, sw.unit.param.data, sw.y, sw.prog.program,
                            unit_kind=sw.prog.unit_kind, unit_op=sw.prog.unit_op, k0=k0,
                            values=values, batches=batches)
+
+
+class BlogStyle(nn.Module):
+    """The PyTorch MNIST example's forward at toy width (8x8 input): functional ReLU,
+    ``F.max_pool2d``, dropout (module and function), ``torch.flatten`` and a final
+    ``F.log_softmax``."""
+
+    def __init__(self, seed: int = 0, classes: int = 3) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, 3, 3, 1)
+        self.conv2 = nn.Conv2d(3, 4, 3, 1)
+        self.dropout1 = nn.Dropout(0.25)
+        self.fc1 = nn.Linear(16, 6)
+        self.fc2 = nn.Linear(6, classes)
+        he_init_(self, torch.Generator().manual_seed(seed))
+
+    def forward(self, x):
+        x = torch.nn.functional.relu(self.conv1(x))
+        x = torch.nn.functional.relu(self.conv2(x))
+        x = torch.nn.functional.max_pool2d(x, 2)
+        x = self.dropout1(x)
+        x = torch.flatten(x, 1)
+        x = torch.nn.functional.relu(self.fc1(x))
+        x = torch.nn.functional.dropout(x, 0.5, training=self.training)
+        return torch.nn.functional.log_softmax(self.fc2(x), dim=1)

@@ -15,7 +15,7 @@ from rso_ext.fused.sweeper import fused_sweep_estimate
 from rso_ext.streams import SweepStreams
 from rso_ext.visit import execution_order, visit_units
 
-from helpers import CatDag, SmallRes, TinyDag, toy_data
+from helpers import BlogStyle, CatDag, SmallRes, TinyDag, toy_data
 from test_fused import _check_all_units
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -265,6 +265,30 @@ def test_seeded_sweeps_of_a_residual_net_make_the_same_decisions_as_the_referenc
     torch.testing.assert_close(torch.tensor(loss_b), torch.tensor(loss_a), rtol=1e-6, atol=0)
 
 
+def test_a_blog_style_forward_matches_the_reference():
+    """F.max_pool2d, F.dropout, torch.flatten and a final F.log_softmax (the PyTorch MNIST
+    example's forward): every unit's fused losses equal the whole model's."""
+    x, y = toy_data(40, seed=5)
+    _check_all_units(BlogStyle(seed=1), x, y, per_unit=3)
+
+
+def test_seeded_sweeps_of_a_blog_style_net_make_the_same_decisions_as_the_reference(monkeypatch):
+    x, y = toy_data(120, seed=6)
+    margins = _decisions(monkeypatch)
+    nets = {}
+    for backend in ("torch", "fused"):
+        net = BlogStyle(seed=2)
+        rso = RSO(net, cycles=2, batch_size=40, backend=backend,
+                  generator=torch.Generator().manual_seed(4))
+        accepted = sum(s.accepted for s in rso.run(x, y))
+        assert rso.backend == backend and accepted > 50
+        nets[backend] = net
+    margins.sort()
+    assert margins[len(margins) // 10] > 1e-6
+    for (name, p), q in zip(nets["torch"].named_parameters(), nets["fused"].parameters()):
+        torch.testing.assert_close(q, p, rtol=1e-5, atol=1e-6, msg=name)
+
+
 def test_caches_are_handed_to_the_batchnorm_units_of_a_layer():
     net = SmallRes(seed=1)
     x, y = toy_data(60, seed=2)
@@ -403,6 +427,27 @@ class _Branchy(nn.Module):
         return self.fc(h.flatten(1))
 
 
+class _LogSoftmaxInside(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(1, 2, 3)
+        self.fc = nn.Linear(72, 3)
+
+    def forward(self, x):
+        return self.fc(torch.nn.functional.log_softmax(self.conv(x), dim=1).flatten(1))
+
+
+class _CeilPool(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(1, 2, 3)
+        self.fc = nn.Linear(18, 3)
+
+    def forward(self, x):
+        return self.fc(torch.nn.functional.max_pool2d(self.conv(x), 2, ceil_mode=True)
+                       .flatten(1))
+
+
 @pytest.mark.parametrize("build, text", [
     (CatDag, r"module '<root>' \(CatDag\): the function torch.cat \(fx node 'cat'\) is outside "
              "the fused op set"),
@@ -412,7 +457,11 @@ class _Branchy(nn.Module):
     (_Broadcast, r"an add of tensors of shapes \(2, 2, 6, 6\) and \(2, 1, 6, 6\)"),
     (_Gelu, r"module 'act' \(GELU\) is outside the fused op set"),
     (_Branchy, r"module '<root>' \(_Branchy\): torch.fx cannot trace its forward"),
-], ids=["cat", "mul", "nested", "shared", "broadcast", "gelu", "untraceable"])
+    (_LogSoftmaxInside, r"log_softmax\(dim=1\) that is not the last op over the classes "
+                        r"\(fx node 'log_softmax'\)"),
+    (_CeilPool, r"module 'max_pool2d' \(MaxPool2d\): ceil_mode=True is not supported"),
+], ids=["cat", "mul", "nested", "shared", "broadcast", "gelu", "untraceable", "log_softmax",
+        "ceil_pool"])
 def test_the_planner_names_what_it_cannot_lower_in_a_traced_forward(build, text):
     with pytest.raises(PlanError, match=text):
         lower(build(), torch.zeros(2, 1, 8, 8))

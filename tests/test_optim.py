@@ -242,6 +242,7 @@ def test_bounded_steps_decide_as_whole_sweeps(kind, mnist):
         assert opt.pos is None
     total = sum(p.numel() for p in nets[0].parameters())
     assert opts[0].steps == 2 and opts[1].steps == 2 * -(-total // 7)
+    assert opts[0].visited == opts[1].visited == 2 * total
     _assert_same_weights(nets[0], nets[1])
     assert opts[0].moves == opts[1].moves > 0
 
@@ -301,7 +302,7 @@ def test_state_of_whole_sweep_steps_still_loads(mnist):
                              weights_per_step=None)
     opt.step(summed_closure(net, x, y))
     state = opt.state_dict()
-    for k in ("sweeps", "moves", "pos"):
+    for k in ("sweeps", "visited", "moves", "pos"):
         del state["rso_ext"][k]
     again = optim.RandomSearch(list(net.parameters()), cycles=3, pool_size=len(x),
                                batch_size=40)

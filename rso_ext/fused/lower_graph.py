@@ -7,7 +7,10 @@ modules of :func:`rso_ext.fused.program.lower_module` (Conv2d, Linear, BatchNorm
 Max/AvgPool2d, AdaptiveAvgPool2d(1), Flatten, Dropout/Identity, a final LogSoftmax), the
 functions and methods ``+`` / ``torch.add`` / ``.add`` of two tensors of one shape (the residual
 add), ``torch.relu`` / ``F.relu`` / ``.relu()``, ``torch.flatten(x, 1)`` / ``.flatten(1)`` and
-``.mean((2, 3))`` (global average pool). Anything else -- ``torch.cat``, a multiplication, a
+``.mean((2, 3))`` (global average pool), ``F.max_pool2d`` / ``F.avg_pool2d`` (as the modules of
+the same arguments), ``F.dropout`` (off during search, as ``nn.Dropout``) and a final
+``F.log_softmax`` over the classes (so a net written for ``F.nll_loss``, as the PyTorch MNIST
+example is, lowers: its loss is the cross-entropy of the logits). Anything else -- ``torch.cat``, a multiplication, a
 parameter read directly, a conv/linear/BatchNorm called twice -- is refused with a
 :class:`~rso_ext.fused.program.PlanError` naming the module (and the fx node) where it happens.
 
@@ -43,6 +46,13 @@ MAX_SLOTS = 64     # csrc/core/program.h kMaxSlots
 
 _ADD_FNS = (operator.add, torch.add)
 _RELU_FNS = (torch.relu, F.relu)
+#: pooling functions, lowered as the module of the same arguments
+_POOL_FNS = {F.max_pool2d: nn.MaxPool2d, torch.max_pool2d: nn.MaxPool2d,
+             F.avg_pool2d: nn.AvgPool2d}
+#: identities during search: dropout (off, as nn.Dropout is) and a final log-softmax (the
+#: cross-entropy of log-probabilities is the cross-entropy of the logits)
+_DROPOUT_FNS = (F.dropout, torch.dropout)
+_LOG_SOFTMAX_FNS = (F.log_softmax, torch.log_softmax)
 _OP_SET = ("Conv2d, Linear, BatchNorm, ReLU, MaxPool2d, AvgPool2d, AdaptiveAvgPool2d(1), "
            "Flatten, Dropout and the add of two tensors of one shape")
 
@@ -216,6 +226,19 @@ class GraphPlan:
                 return self._add(Node(node.name, None, RELU, inputs=[i]))
             if t is torch.flatten:
                 return self._lower_flatten(node, tensor_args(1)[0], shape, refuse)
+            if t in _POOL_FNS:
+                (i,) = tensor_args(1)
+                try:
+                    m = _POOL_FNS[t](*node.args[1:], **node.kwargs)
+                except TypeError as e:
+                    raise refuse(f"{_fn_name(t)} with arguments {node.args[1:]} "
+                                 f"{node.kwargs} ({e})") from None
+                step = lower_module(node.name, m, shape(i), False)
+                return self._add(Node(node.name, m, step.kind, step.params, inputs=[i]))
+            if t in _DROPOUT_FNS:
+                return tensor_args(1)[0]                   # identity during search
+            if t in _LOG_SOFTMAX_FNS:
+                return self._lower_log_softmax(node, tensor_args(1)[0], out_node, refuse)
             raise refuse(f"the function {_fn_name(t)}")
         if node.op == "call_method":
             t = node.target
@@ -227,6 +250,8 @@ class GraphPlan:
                 return self._add(Node(node.name, None, RELU, inputs=[i]))
             if t == "flatten":
                 return self._lower_flatten(node, tensor_args(1)[0], shape, refuse)
+            if t == "log_softmax":
+                return self._lower_log_softmax(node, tensor_args(1)[0], out_node, refuse)
             if t == "mean":
                 (i,) = tensor_args(1)
                 dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
@@ -247,6 +272,18 @@ class GraphPlan:
         if sa != sb:
             raise refuse(f"an add of tensors of shapes {tuple(sa)} and {tuple(sb)} (broadcasting)")
         return self._add(Node(node.name, None, ADD, inputs=[a, b]))
+
+    def _lower_log_softmax(self, node: torch.fx.Node, i: int, out_node: torch.fx.Node,
+                           refuse) -> int:
+        """A log-softmax over the classes that forward returns: the identity (the cross-entropy
+        of log-probabilities is that of the logits, and an NLL loss of them is that
+        cross-entropy). Anywhere else it changes what the next op sees: refused."""
+        args = list(node.args[1:]) + [node.kwargs.get("dim")]
+        dim = next((a for a in args if a is not None), None)
+        if (list(node.users) != [out_node] or dim not in (1, -1) or len(self._value[i].shape) != 2
+                or node.kwargs.get("dtype") is not None):
+            raise refuse(f"log_softmax(dim={dim}) that is not the last op over the classes")
+        return i
 
     def _lower_flatten(self, node: torch.fx.Node, i: int, shape, refuse) -> int:
         args = list(node.args[1:]) + [node.kwargs.get(k) for k in ("start_dim", "end_dim")
