@@ -1,331 +1,416 @@
-"""Every gradient-free method of rso_ext on the same model, data and budget, plus EvoTorch's PGPE.
+#!/usr/bin/env python
+"""Every training method of rso_ext against gradient descent at an equal budget of CPU time.
 
-    python benchmarks/compare_methods.py [--quick] [--data-root MNIST_DIR]
+    python benchmarks/compare_methods.py --task paper_mnist --data-root MNIST_DIR --budget 1800
+    python benchmarks/compare_methods.py --task blog --data-root MNIST_DIR --budget 1800
 
-Methods: rso, sa, ticket (per-weight, :mod:`rso_ext.methods`), es, ga, dfo (population searches,
-batched with torch.func.vmap) and evotorch (EvoTorch's PGPE: symmetric sampling, centred ranks,
-Adam, adaptive step sizes -- the external baseline for our ES, evaluated by the same batched
-forward). Every method gets the same budget of **sample-forward evaluations** (one candidate
-evaluated on one training image = 1; RSO spends 3 per weight and image of its minibatch, SA and
-ticket 2, a population method P per image of a generation's minibatch), the same minibatch size and
-the same training images; per-weight methods run whole cycles, so their budgets are rounded to a
-cycle (the JSON reports the evaluations each one spent).
+Methods: rso, sa, ticket (per-weight, ``rso_ext.methods``, fused backend where the model
+lowers), es, ga (population searches, batched with torch.func.vmap), dfo (nevergrad, when
+installed), evotorch (EvoTorch's PGPE, when installed) and **sgd**: the reference, the PyTorch
+MNIST example's optimiser (Adadelta, StepLR gamma 0.7 per epoch, batch 64).
 
-The model (``bench_conv``): avg-pool 2 (28 -> 14), conv 1->8 3x3 + BN + ReLU, avg-pool 2, conv
-8->16 3x3 + BN + ReLU, global average pool, linear 16->10 -- 1,384 conv/linear weights and 48 BN
-parameters, every layer kind of the paper's MNIST net. Why not paper_mnist itself: at 11.8k weights
-and about 3 MFLOP per image one RSO cycle at B=100 costs ~3.5M sample-forwards, and a meaningful
-comparison (several cycles for the per-weight methods, hundreds of generations for the population
-methods) would take hours on 2 CPU cores; this net is ~40x cheaper per image and 8x smaller, so
-every method gets several cycles / hundreds of generations in about a minute.
+Tasks: ``paper_mnist`` (the paper's MNIST net, 11.8k weights) and ``blog`` (the PyTorch MNIST
+example's net, 1.2 M weights: ``rso_ext.models.pytorch_example``, the blog's ``Net`` as an
+``nn.Sequential``), on the full MNIST: 55,000 training images, 5,000 validation, 10,000 test.
 
-Test accuracy on the full 10k MNIST test set after recomputing BatchNorm statistics on 2000
-training images, at several points of each run; wall time and process CPU time exclude those
-evaluations (on a shared machine the CPU time is the steadier of the two). Results:
-benchmarks/results/compare_methods_cpu.json and .png; the last line is ``RESULT key=value ...``.
+**The budget** is process CPU time (all threads of this process; it does not count time spent
+waiting for another process, unlike wall time), the same for every method, ``--budget`` seconds
+per final run. A method runs in its own steps (a unit sweep, a generation, 50 SGD minibatches)
+until the budget is spent; the last step may overrun it (the JSON gives each run's seconds). The
+test set is read at ``--points`` points of each final run, off the clock. Per-weight methods anneal
+over ``cycles``, which must be fixed in advance: it is the number of cycles that fit the budget,
+from the cycle cost their first trial measured (extrapolated from the weights it visited when a
+trial ends inside its first cycle).
+
+**Hyperparameters** come from a small grid per method (``GRIDS``, ``--trials`` entries each,
+the same number for every method), each tried for ``--trial-fraction`` of the budget and ranked
+by **validation** accuracy; the winner gets the full budget. Nothing is selected on the test set.
+
+**Resume**: every finished run (trial or final) is kept in ``<out>/runs.json`` at once; a rerun of
+the same command skips what is there (a run killed midway restarts from its beginning).
+
+Output: ``<out>/compare_methods_<task>_cpu.json`` (``test_acc_<method>``, ``seconds_<method>``,
+``cpu_seconds_<method>`` for every method that ran, the budget and the machine), a PNG of test
+accuracy against CPU and wall time, and a final ``RESULT key=value ...`` line.
 """
 from __future__ import annotations
 
 import argparse
 import json
-import platform
+import logging
+import math
+import os
+import shlex
 import sys
 import time
 import warnings
-from collections import OrderedDict
 from pathlib import Path
+from typing import Any, Callable
 
 import torch
-from torch import nn
+import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _env import default_data_root, git_commit  # noqa: E402
+from _env import default_data_root, device_name, git_commit  # noqa: E402
 
-from rso_ext import RSO, data, metrics, models  # noqa: E402
-from rso_ext.methods import (DFO, BatchedLoss, EvolutionStrategy,  # noqa: E402
-                             GeneticAlgorithm, SimulatedAnnealing, TicketFinder)
-from rso_ext.methods.base import draw_batch, spread_indices  # noqa: E402
-from rso_ext import batchnorm  # noqa: E402
-from rso_ext.visit import MIXING, NORM, execution_order  # noqa: E402
+from rso_ext import data, metrics, models, runtime  # noqa: E402
+from rso_ext.methods import METHODS as SEARCHES  # noqa: E402
 
-METHODS = ("rso", "sa", "ticket", "es", "ga", "dfo", "evotorch")
+METHODS = ("rso", "sa", "ticket", "es", "ga", "dfo", "evotorch", "sgd")
+PER_WEIGHT = ("rso", "sa", "ticket")
+TASKS = {"paper_mnist": models.paper_mnist, "blog": models.pytorch_example}
 
-
-def bench_conv(generator: torch.Generator) -> nn.Sequential:
-    net = nn.Sequential(OrderedDict([
-        ("pool0", nn.AvgPool2d(2)),
-        ("conv1", nn.Conv2d(1, 8, 3, padding=1, bias=False)), ("bn1", nn.BatchNorm2d(8)),
-        ("relu1", nn.ReLU()), ("pool1", nn.AvgPool2d(2)),
-        ("conv2", nn.Conv2d(8, 16, 3, padding=1, bias=False)), ("bn2", nn.BatchNorm2d(16)),
-        ("relu2", nn.ReLU()), ("gap", nn.AdaptiveAvgPool2d(1)), ("flatten", nn.Flatten()),
-        ("fc", nn.Linear(16, 10, bias=False)),
-    ]))
-    return models.he_init_(net, generator)
-
-
-def counts(net: nn.Module) -> tuple[int, int]:
-    mix = sum(m.weight.numel() for m in net.modules() if isinstance(m, MIXING))
-    bn = sum(p.numel() for m in net.modules() if isinstance(m, NORM) for p in m.parameters())
-    return mix, bn
+#: the hyperparameter grid of each method; trials take the first ``--trials`` entries
+GRIDS: dict[str, list[dict[str, Any]]] = {
+    "rso": [dict(batch_size=b) for b in (1000, 250, 4000)],
+    "sa": [dict(batch_size=1000, t0=t) for t in (1e-3, 1e-4, 1e-2)],
+    "ticket": [dict(batch_size=1000, sparsity=s) for s in (0.5, 0.3, 0.7)],
+    "es": [dict(batch_size=256, population=40, sigma=s, lr=lr)
+           for s, lr in ((0.02, 0.01), (0.05, 0.03), (0.01, 0.003))],
+    "ga": [dict(batch_size=256, population=40, sigma=s, elite=1, parents=8)
+           for s in (0.02, 0.05, 0.005)],
+    "dfo": [dict(batch_size=256, population=20, sigma=s, optimizer="DiagonalCMA",
+                 params="bn+last") for s in (0.1, 0.3, 0.03)],
+    "evotorch": [dict(batch_size=256, population=40, stdev_init=s, center_lr=lr)
+                 for s, lr in ((0.02, 0.01), (0.05, 0.03), (0.01, 0.003))],
+    "sgd": [dict(batch_size=64, lr=lr, gamma=0.7) for lr in (1.0, 0.3, 3.0)],
+}
+SGD_CHUNK = 50            # minibatches per SGD step of the budget loop
 
 
-class Recorder:
-    """Test accuracy at checkpoints; the clock stops while evaluating."""
+# -- one method as a sequence of bounded steps ---------------------------------------------------
+class Runner:
+    """``advance()`` does one bounded step (False when the method is done); ``model`` is what is
+    evaluated after ``prepare_eval(x)``."""
 
-    def __init__(self, name, splits):
-        self.name, self.splits = name, splits
-        self.points = []
-        self.elapsed = self.cpu = 0.0
-        self.t0 = self.c0 = None
+    model: torch.nn.Module
 
-    def start(self):
-        self.t0, self.c0 = time.perf_counter(), time.process_time()
+    def advance(self) -> bool:
+        raise NotImplementedError
 
-    def record(self, search, evaluations):
-        self.elapsed += time.perf_counter() - self.t0
-        self.cpu += time.process_time() - self.c0
-        search.calibrate(self.splits.train_x)
-        acc = metrics.evaluate(search.model, self.splits.test_x, self.splits.test_y)["acc"]
-        self.points.append(dict(evaluations=int(evaluations), seconds=self.elapsed,
-                                cpu_seconds=self.cpu, test_acc=acc))
-        print(f"  {self.name:8s} evals={evaluations:>10,d} t={self.elapsed:6.1f}s "
-              f"cpu={self.cpu:6.1f}s test_acc={acc:.4f}", flush=True)
-        self.start()
+    def prepare_eval(self, x: torch.Tensor) -> None:
+        self.model.eval()
 
 
-def run_per_weight(name, search, splits, rec, k):
-    n_eval = 0
-    rec.start()
-    for st in search.run(splits.train_x, splits.train_y):
-        n_eval += st.weights * k * search.hparams["batch_size"]
+class SearchRunner(Runner):
+    """A class form of ``rso_ext.methods``: one step = one unit sweep or one generation."""
+
+    def __init__(self, search, x, y):
+        self.search, self.model = search, search.model
+        self.search.check(x, y)
+        self.it = search.run(x, y)
+        self.visited = 0          # weights (per-weight) visited so far
+        self.cycle_done_at: list[int] = []
+
+    def advance(self) -> bool:
+        st = next(self.it, None)
+        if st is None:
+            return False
+        if getattr(st, "weights", None):
+            self.visited += st.weights
         if st.cycle_done:
-            rec.record(search, n_eval)
-    return n_eval
+            self.cycle_done_at.append(self.visited)
+        return True
+
+    def prepare_eval(self, x):
+        self.search.calibrate(x)
 
 
-def run_population(search, splits, rec):
-    rec.start()
-    last = 0
-    for st in search.run(splits.train_x, splits.train_y):
-        last = st.evaluations
-        if st.cycle_done:
-            rec.record(search, st.evaluations)
-    return last
+class SGDRunner(Runner):
+    """The PyTorch MNIST example's training: Adadelta, NLL of log-softmax (= cross-entropy),
+    StepLR(step_size=1, gamma) per epoch, shuffled minibatches; one step = SGD_CHUNK minibatches."""
+
+    def __init__(self, model, x, y, *, batch_size, lr, gamma, seed):
+        self.model, self.x, self.y, self.B = model, x, y, batch_size
+        self.opt = torch.optim.Adadelta(model.parameters(), lr=lr)
+        self.sched = torch.optim.lr_scheduler.StepLR(self.opt, step_size=1, gamma=gamma)
+        self.g = torch.Generator().manual_seed(seed)
+        self.perm, self.pos = torch.randperm(len(x), generator=self.g), 0
+
+    def advance(self) -> bool:
+        self.model.train()
+        for _ in range(SGD_CHUNK):
+            if self.pos >= len(self.x):                    # epoch done
+                self.sched.step()
+                self.perm, self.pos = torch.randperm(len(self.x), generator=self.g), 0
+            idx = self.perm[self.pos:self.pos + self.B]
+            self.pos += self.B
+            self.opt.zero_grad()
+            F.cross_entropy(self.model(self.x[idx]), self.y[idx]).backward()
+            self.opt.step()
+        return True
 
 
-class _EvoTorchRun:
-    """EvoTorch's PGPE on the same flat parameter vector, minibatches and batched loss."""
+class EvoTorchRunner(Runner):
+    """EvoTorch's PGPE (symmetric sampling, centred ranks, Adam) on the flat parameter vector,
+    the minibatch loss from rso_ext's batched evaluation; one step = one generation."""
 
-    def __init__(self, model, x, y, *, generations, points, batch_size, population, sigma, lr,
-                 seed, calib_size=2000):
+    def __init__(self, model, x, y, *, batch_size, population, stdev_init, center_lr, seed):
         from evotorch import Problem
         from evotorch.algorithms import PGPE
-        self.model, self.x, self.y = model, x, y
-        self.names = [n for n, _ in model.named_parameters()]
-        order = [m for _, m in execution_order(model, x[:2])]
-        self.loss = BatchedLoss(model, self.names, order)
-        self.generator = torch.Generator().manual_seed(seed)
-        self.batch_size, self.population = batch_size, population
-        self.generations, self.points = generations, points
-        self.calib_idx = spread_indices(len(x), calib_size)
+
+        from rso_ext.methods import BatchedLoss
+        from rso_ext.methods.base import draw_batch
+        from rso_ext.visit import execution_order
+        self.model = model
+        names = [n for n, _ in model.named_parameters()]
+        loss = BatchedLoss(model, names, [m for _, m in execution_order(model, x[:2])])
+        g = torch.Generator().manual_seed(seed)
         theta0 = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
 
         def fitness(thetas: torch.Tensor) -> torch.Tensor:
-            idx = draw_batch(self.generator, len(self.x), self.batch_size)
-            return (self.loss(thetas.to(theta0.dtype), self.x[idx], self.y[idx])
-                    / self.batch_size).to(thetas.dtype)
+            idx = draw_batch(g, len(x), batch_size)
+            return (loss(thetas.to(theta0.dtype), x[idx], y[idx]) / batch_size).to(thetas.dtype)
 
-        self.problem = Problem("min", fitness, solution_length=len(theta0),
-                               initial_bounds=(-1.0, 1.0), vectorized=True, device="cpu",
-                               dtype=torch.float32, seed=seed)
-        self.searcher = PGPE(self.problem, popsize=population, center_learning_rate=lr,
-                             stdev_learning_rate=0.1, stdev_init=sigma, optimizer="adam",
+        problem = Problem("min", fitness, solution_length=len(theta0), initial_bounds=(-1, 1),
+                          vectorized=True, device="cpu", dtype=torch.float32, seed=seed)
+        self.searcher = PGPE(problem, popsize=population, center_learning_rate=center_lr,
+                             stdev_learning_rate=0.1, stdev_init=stdev_init, optimizer="adam",
                              ranking_method="centered", center_init=theta0, symmetric=True)
 
-    @torch.no_grad()
-    def write(self):
-        center = self.searcher.status["center"]
-        center = torch.Tensor(center).clone() if torch.is_tensor(center) else \
-            torch.as_tensor(center)
-        torch.nn.utils.vector_to_parameters(center.float(), self.model.parameters())
+    def advance(self) -> bool:
+        self.searcher.step()
+        return True
 
-    def calibrate(self, x):
-        self.write()
-        return batchnorm.calibrate(self.model, x[self.calib_idx])
-
-    def run(self, rec):
-        rec.start()
-        per = self.generations // self.points
-        done = 0
-        for p in range(self.points):
-            n = per if p < self.points - 1 else self.generations - done
-            self.searcher.run(n)
-            done += n
-            rec.record(self, done * self.population * self.batch_size)
-        return done * self.population * self.batch_size
+    def prepare_eval(self, x):
+        center = torch.as_tensor(self.searcher.status["center"]).clone().float()
+        torch.nn.utils.vector_to_parameters(center, self.model.parameters())
+        from rso_ext import batchnorm
+        batchnorm.calibrate(self.model, x[:2000])
 
 
-def plot(results, path):
+def available(method: str) -> str | None:
+    """None, or why the method cannot run here."""
+    mod = {"dfo": "nevergrad", "evotorch": "evotorch"}.get(method)
+    if mod is None:
+        return None
+    try:
+        __import__(mod)
+    except ImportError:
+        return f"{mod} is not installed"
+    return None
+
+
+def build(method: str, hp: dict, task: str, x, y, seed: int, cycles: int) -> Runner:
+    model = TASKS[task](torch.Generator().manual_seed(seed))
+    gen = torch.Generator().manual_seed(seed + 1)
+    hp = dict(hp, batch_size=min(hp["batch_size"], len(x)))     # tiny training sets (tests)
+    if method == "sgd":
+        return SGDRunner(model, x, y, seed=seed + 1, **hp)
+    if method == "evotorch":
+        return EvoTorchRunner(model, x, y, seed=seed + 1, **hp)
+    cls = SEARCHES[method]
+    if method in PER_WEIGHT:
+        return SearchRunner(cls(model, cycles=cycles, generator=gen, **hp), x, y)
+    # population methods: no schedule to fit; generations run until the budget ends
+    return SearchRunner(cls(model, cycles=1, generations=10**7, generator=gen, **hp), x, y)
+
+
+# -- a run under a budget -------------------------------------------------------------------------
+def run(runner: Runner, budget: float, points: int, evaluate: Callable[[Runner], dict],
+        label: str) -> dict:
+    """Steps until ``budget`` CPU seconds are spent (or the method ends); ``evaluate`` at
+    ``points`` evenly spaced CPU times, off the clock."""
+    cpu = wall = 0.0
+    curve = []
+    marks = [budget * (i + 1) / points for i in range(points)]
+    done = False
+    while not done and cpu < budget:
+        c0, w0 = time.process_time(), time.perf_counter()
+        done = not runner.advance()
+        cpu += time.process_time() - c0
+        wall += time.perf_counter() - w0
+        if marks and (cpu >= marks[0] or done or cpu >= budget):
+            while marks and cpu >= marks[0]:
+                marks.pop(0)
+            point = dict(cpu_seconds=cpu, seconds=wall, **evaluate(runner))
+            curve.append(point)
+            print(f"  {label}: cpu {cpu:7.1f} s, wall {wall:7.1f} s, "
+                  + " ".join(f"{k} {v:.4f}" for k, v in point.items() if k.endswith("acc")),
+                  flush=True)
+    if not curve or curve[-1]["cpu_seconds"] != cpu:
+        curve.append(dict(cpu_seconds=cpu, seconds=wall, **evaluate(runner)))
+    return dict(cpu_seconds=cpu, seconds=wall, curve=curve, finished=done)
+
+
+def cycle_cost(runner: Runner, cpu: float, total_weights: int) -> float:
+    """CPU seconds of one cycle of a per-weight run: measured when its first cycle ended within
+    the run, else extrapolated from the weights it visited."""
+    if runner.cycle_done_at:
+        return cpu * runner.cycle_done_at[0] / max(runner.visited, 1)
+    return cpu * total_weights / max(runner.visited, 1)
+
+
+# -- main -------------------------------------------------------------------------------------------
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--task", choices=sorted(TASKS), default="paper_mnist")
+    ap.add_argument("--data-root", default=default_data_root(),
+                    help="the full MNIST (default: $RSO_EXT_MNIST_ROOT, else the embedded subset; "
+                         "'embedded' forces the subset)")
+    ap.add_argument("--budget", type=float, default=1800.0,
+                    help="CPU seconds of each final run (default 1800)")
+    ap.add_argument("--trials", type=int, default=3, help="grid entries tried per method")
+    ap.add_argument("--trial-fraction", type=float, default=0.2,
+                    help="a trial's budget, as a fraction of --budget")
+    ap.add_argument("--points", type=int, default=6, help="test evaluations per final run")
+    ap.add_argument("--methods", default=",".join(METHODS))
+    ap.add_argument("--train-size", type=int, default=None, help="first N training images")
+    ap.add_argument("--val-size", type=int, default=5000)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: all)")
+    ap.add_argument("--out", default=None,
+                    help="results folder (default benchmarks/results/compare_methods_<task>_cpu)")
+    args = ap.parse_args(argv)
+    methods = [m for m in args.methods.split(",") if m]
+    bad = [m for m in methods if m not in METHODS]
+    if bad:
+        ap.error(f"unknown methods {bad}; choose from {', '.join(METHODS)}")
+    if not 1 <= args.trials <= min(len(g) for g in GRIDS.values()):
+        ap.error(f"--trials must be in [1, {min(len(g) for g in GRIDS.values())}]")
+    if args.budget <= 0 or not 0 < args.trial_fraction <= 1 or args.points < 1:
+        ap.error("--budget > 0, 0 < --trial-fraction <= 1 and --points >= 1 are needed")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    runtime.reuse_freed_memory()
+    warnings.filterwarnings("ignore")
+    logging.getLogger("evotorch").setLevel(logging.WARNING)
+
+    out = Path(args.out or ROOT / "benchmarks" / "results" / f"compare_methods_{args.task}_cpu")
+    out.mkdir(parents=True, exist_ok=True)
+    runs_path = out / "runs.json"
+    runs: dict[str, dict] = json.loads(runs_path.read_text()) if runs_path.exists() else {}
+
+    def keep(key: str, rec: dict) -> None:
+        runs[key] = rec
+        tmp = runs_path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(runs, indent=1))
+        os.replace(tmp, runs_path)
+
+    if args.data_root == "embedded":
+        args.data_root = None
+    splits = data.load_splits("mnist", root=args.data_root, val_size=args.val_size,
+                              seed=args.seed)
+    x, y = splits.train_x[:args.train_size], splits.train_y[:args.train_size]
+    total_weights = sum(p.numel() for p in TASKS[args.task]().parameters())
+    print(f"compare_methods: {args.task} ({total_weights:,} parameters), {len(x)} train / "
+          f"{len(splits.val_x)} val / {len(splits.test_x)} test, budget {args.budget:.0f} CPU-s "
+          f"per method, {args.trials} trials of {args.trial_fraction:.0%}, "
+          f"{torch.get_num_threads()} thread(s)", flush=True)
+
+    def on(split_x, split_y, name):
+        def ev(r: Runner) -> dict:
+            r.prepare_eval(x)
+            return {f"{name}_acc": metrics.evaluate(r.model, split_x, split_y)["acc"]}
+        return ev
+
+    val_eval = on(splits.val_x, splits.val_y, "val")
+
+    def test_and_val(r: Runner) -> dict:
+        out_ = val_eval(r)
+        out_.update(test_acc=metrics.evaluate(r.model, splits.test_x, splits.test_y)["acc"])
+        return out_
+
+    trial_budget = args.budget * args.trial_fraction
+    summary: dict[str, dict] = {}
+    for m in methods:
+        why = available(m)
+        if why:
+            print(f"{m}: skipped ({why})", flush=True)
+            continue
+        # trials on the validation split
+        for t, hp in enumerate(GRIDS[m][:args.trials]):
+            key = f"{m}/trial{t}"
+            if key in runs:
+                continue
+            cycles = 1
+            r = build(m, hp, args.task, x, y, args.seed, cycles)
+            rec = run(r, trial_budget, 1, val_eval, f"{m} trial {t} {hp}")
+            rec.update(hparams=hp, val_acc=rec["curve"][-1]["val_acc"])
+            if m in PER_WEIGHT:
+                rec["cycle_cpu_seconds"] = cycle_cost(r, rec["cpu_seconds"], total_weights)
+            keep(key, rec)
+        trials = [runs[f"{m}/trial{t}"] for t in range(args.trials)]
+        best = max(range(args.trials), key=lambda t: trials[t]["val_acc"])
+        hp = trials[best]["hparams"]
+        key = f"{m}/final"
+        if key not in runs:
+            cycles = 1
+            if m in PER_WEIGHT:
+                cycles = max(1, math.floor(args.budget / trials[best]["cycle_cpu_seconds"]))
+            r = build(m, hp, args.task, x, y, args.seed, cycles)
+            rec = run(r, args.budget, args.points, test_and_val, f"{m} final {hp}")
+            rec.update(hparams=hp, cycles=cycles if m in PER_WEIGHT else None,
+                       chosen_trial=best)
+            keep(key, rec)
+        fin = runs[key]
+        summary[m] = dict(test_acc=fin["curve"][-1]["test_acc"],
+                          val_acc=fin["curve"][-1]["val_acc"], seconds=fin["seconds"],
+                          cpu_seconds=fin["cpu_seconds"], hparams=fin["hparams"],
+                          cycles=fin.get("cycles"),
+                          trials=[dict(hparams=tr["hparams"], val_acc=tr["val_acc"])
+                                  for tr in trials])
+
+    result: dict[str, Any] = dict(task=args.task, budget_cpu_seconds=args.budget,
+                                  threads=torch.get_num_threads())
+    for m, s in summary.items():
+        result[f"test_acc_{m}"] = s["test_acc"]
+        result[f"seconds_{m}"] = s["seconds"]
+        result[f"cpu_seconds_{m}"] = s["cpu_seconds"]
+    doc = dict(benchmark="compare_methods", device=device_name("cpu"), torch=torch.__version__,
+               commit=git_commit(),
+               command="python " + shlex.join([os.path.relpath(sys.argv[0], ROOT)]
+                                              + (list(argv) if argv is not None
+                                                 else sys.argv[1:])),
+               task=args.task, parameters=total_weights, train_size=len(x),
+               val_size=len(splits.val_x), test_size=len(splits.test_x),
+               data=args.data_root or "embedded subset", budget_cpu_seconds=args.budget,
+               trials=args.trials, trial_fraction=args.trial_fraction,
+               grids={m: GRIDS[m][:args.trials] for m in summary},
+               methods=summary, curves={m: runs[f"{m}/final"]["curve"] for m in summary},
+               result=result)
+    jpath = out / f"compare_methods_{args.task}_cpu.json"
+    jpath.write_text(json.dumps(doc, indent=1) + "\n")
+    png = plot(doc, jpath.with_suffix(".png"))
+    print("\n| method | hyperparameters (chosen on validation) | test acc | CPU s | wall s |\n"
+          "| --- | --- | --- | --- | --- |")
+    for m, s in summary.items():
+        print(f"| {m} | {s['hparams']} | {100 * s['test_acc']:.2f} % | {s['cpu_seconds']:.0f} "
+              f"| {s['seconds']:.0f} |")
+    print(f"wrote {jpath}" + (f" and {png.name}" if png else ""), flush=True)
+    print("RESULT " + " ".join(f"{k}={v:.6g}" if isinstance(v, float) else f"{k}={v}"
+                               for k, v in result.items()), flush=True)
+    return 0
+
+
+def plot(doc: dict, path: Path) -> Path | None:
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        print("matplotlib missing: no plot", file=sys.stderr)
+        print("note: matplotlib missing, no PNG", flush=True)
         return None
-    fig, (a1, a2) = plt.subplots(1, 2, figsize=(12, 4.5))
-    for name, r in results.items():
-        pts = r["curve"]
-        a1.plot([p["evaluations"] / 1e6 for p in pts], [100 * p["test_acc"] for p in pts],
-                marker="o", label=name)
-        a2.plot([p["seconds"] for p in pts], [100 * p["test_acc"] for p in pts], marker="o",
-                label=name)
-    a1.set(xlabel="sample-forward evaluations (millions)", ylabel="test accuracy (%)",
-           title="accuracy vs evaluations")
-    a2.set(xlabel="wall time (s, 2-core CPU)", ylabel="test accuracy (%)",
-           title="accuracy vs time")
-    for a in (a1, a2):
-        a.grid(alpha=0.3)
-        a.legend()
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    for ax, key, label in ((axes[0], "cpu_seconds", "process CPU seconds"),
+                           (axes[1], "seconds", "wall seconds")):
+        for m, pts in doc["curves"].items():
+            ax.plot([p[key] for p in pts], [100 * p["test_acc"] for p in pts], marker="o",
+                    label=m)
+        ax.set(xlabel=label, ylabel="test accuracy (%)")
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.suptitle(f"{doc['task']}: every method at {doc['budget_cpu_seconds']:.0f} CPU-s "
+                 f"({doc['device']})")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
+    plt.close(fig)
     return path
-
-
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--data-root", default=default_data_root(),
-                    help="the full MNIST (default: $RSO_EXT_MNIST_ROOT)")
-    ap.add_argument("--quick", action="store_true", help="a fifth of the budget, 5k images")
-    ap.add_argument("--rso-cycles", type=int, default=None,
-                    help="the budget, as RSO cycles (default 3; 1 with --quick)")
-    ap.add_argument("--batch-size", type=int, default=100)
-    ap.add_argument("--train-size", type=int, default=None,
-                    help="training images (default 10000; 5000 with --quick)")
-    ap.add_argument("--methods", default=",".join(METHODS))
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--json", default=str(ROOT / "benchmarks/results/compare_methods_cpu.json"))
-    ap.add_argument("--png", default=None, help="default: the JSON path with .png")
-    args = ap.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    warnings.filterwarnings("ignore")
-    import logging
-    logging.getLogger("evotorch").setLevel(logging.WARNING)
-    methods = [m for m in args.methods.split(",") if m]
-    bad = [m for m in methods if m not in METHODS]
-    if bad:
-        ap.error(f"unknown methods {bad}; choose from {METHODS}")
-
-    rso_cycles = args.rso_cycles or (1 if args.quick else 3)
-    train_size = args.train_size or (5000 if args.quick else 10000)
-    B = args.batch_size
-    splits = data.load_splits("mnist", root=args.data_root, val_size=0)
-    splits.train_x, splits.train_y = splits.train_x[:train_size], splits.train_y[:train_size]
-    W_mix, W_bn = counts(bench_conv(torch.Generator().manual_seed(0)))
-    budget = rso_cycles * (W_mix + W_bn) * 3 * B
-    points = 4 if args.quick else 6
-    pop = 40
-    gens = lambda p: max(points, round(budget / (p * B)))  # noqa: E731
-    print(f"bench_conv: {W_mix} weights + {W_bn} BN; {train_size} training images; B={B}; "
-          f"budget {budget:,} sample-forward evaluations", flush=True)
-
-    def model():
-        return bench_conv(torch.Generator().manual_seed(args.seed))
-
-    def g():
-        return torch.Generator().manual_seed(args.seed + 1)
-
-    results = {}
-    for name in methods:
-        rec = Recorder(name, splits)
-        net = model()
-        if name == "rso":
-            s = RSO(net, cycles=rso_cycles, batch_size=B, generator=g(), backend="torch")
-            hp = dict(cycles=rso_cycles)
-            ev = run_per_weight(name, s, splits, rec, 3)
-        elif name == "sa":
-            c = max(1, round(budget / ((W_mix + W_bn) * 2 * B)))
-            s = SimulatedAnnealing(net, cycles=c, batch_size=B, t0=1e-3, t_final=1e-5,
-                                   generator=g())
-            hp = dict(cycles=c, t0=1e-3, t_final=1e-5)
-            ev = run_per_weight(name, s, splits, rec, 2)
-        elif name == "ticket":
-            c = max(1, round(budget / (W_mix * 2 * B)))
-            s = TicketFinder(net, cycles=c, batch_size=B, sparsity=0.5, generator=g())
-            hp = dict(cycles=c, sparsity=0.5, schedule="constant", init="model")
-            ev = run_per_weight(name, s, splits, rec, 2)
-        elif name == "es":
-            G = gens(pop)
-            hp = dict(population=pop, generations=G, sigma=0.03, lr=0.02, optimizer="adam")
-            s = EvolutionStrategy(net, cycles=points, generations=G // points, batch_size=B,
-                                  population=pop, sigma=0.03, lr=0.02, generator=g())
-            ev = run_population(s, splits, rec)
-        elif name == "ga":
-            G = gens(pop)
-            hp = dict(population=pop, generations=G, sigma=0.02, elite=1, parents=8)
-            s = GeneticAlgorithm(net, cycles=points, generations=G // points, batch_size=B,
-                                 population=pop, elite=1, parents=8, sigma=0.02, generator=g())
-            ev = run_population(s, splits, rec)
-        elif name == "dfo":
-            try:
-                import nevergrad  # noqa: F401
-            except ImportError:
-                print("  dfo: nevergrad is not installed, skipped", flush=True)
-                continue
-            P = 20
-            G = gens(P)
-            hp = dict(population=P, generations=G, sigma=0.1, optimizer="DiagonalCMA",
-                      params="bn+last")
-            s = DFO(net, cycles=points, generations=G // points, batch_size=B, population=P,
-                    sigma=0.1, optimizer="DiagonalCMA", params="bn+last", generator=g())
-            ev = run_population(s, splits, rec)
-        else:
-            try:
-                import evotorch  # noqa: F401
-            except ImportError:
-                print("  evotorch: not installed, skipped", flush=True)
-                continue
-            G = gens(pop)
-            hp = dict(algorithm="PGPE", population=pop, generations=G, stdev_init=0.03,
-                      center_lr=0.02, stdev_lr=0.1, optimizer="adam")
-            r = _EvoTorchRun(net, splits.train_x, splits.train_y, generations=G, points=points,
-                             batch_size=B, population=pop, sigma=0.03, lr=0.02,
-                             seed=args.seed + 1)
-            ev = r.run(rec)
-        last = rec.points[-1]
-        results[name] = dict(test_acc=last["test_acc"], seconds=last["seconds"],
-                             cpu_seconds=last["cpu_seconds"], evaluations=ev, hparams=hp,
-                             curve=rec.points)
-
-    command = "python " + " ".join([Path(sys.argv[0]).as_posix()] + (argv or sys.argv[1:]))
-    pairs = OrderedDict(model="bench_conv", device="cpu", threads=args.threads, batch=B,
-                        train_size=train_size, budget=budget)
-    for name, r in results.items():
-        pairs[f"test_acc_{name}"] = round(r["test_acc"], 4)
-        pairs[f"seconds_{name}"] = round(r["seconds"], 1)
-        pairs[f"cpu_seconds_{name}"] = round(r["cpu_seconds"], 1)
-    out = dict(device=f"cpu ({platform.processor() or platform.machine()}, "
-                      f"{args.threads} threads)",
-               torch=torch.__version__, commit=git_commit(), command=command,
-               model="bench_conv", weights=W_mix, bn_params=W_bn, batch_size=B,
-               train_size=train_size, test_size=len(splits.test_x), budget=budget,
-               quick=args.quick, methods=results, result=dict(pairs))
-    jpath = Path(args.json)
-    jpath.parent.mkdir(parents=True, exist_ok=True)
-    jpath.write_text(json.dumps(out, indent=2))
-    png = plot(results, args.png or jpath.with_suffix(".png"))
-    print("\n| method | test acc | wall s | CPU s | evaluations |\n"
-          "| --- | --- | --- | --- | --- |")
-    for name, r in results.items():
-        print(f"| {name} | {100 * r['test_acc']:.2f} % | {r['seconds']:.1f} | "
-              f"{r['cpu_seconds']:.1f} | {r['evaluations']:,} |")
-    print(f"wrote {jpath}" + (f" and {png}" if png else ""))
-    print("RESULT " + " ".join(f"{k}={v}" for k, v in pairs.items()), flush=True)
-    return 0
 
 
 if __name__ == "__main__":

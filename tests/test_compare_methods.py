@@ -1,0 +1,55 @@
+"""benchmarks/compare_methods.py end to end at a tiny budget: trials on validation, a final run per
+method under the CPU budget, the JSON keys, and a rerun that resumes from runs.json."""
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "compare_methods.py"
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture()
+def script():
+    spec = importlib.util.spec_from_file_location("compare_methods", SCRIPT)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_compare_methods_tiny_budget_and_resume(script, tmp_path, capsys):
+    args = ["--task", "paper_mnist", "--data-root", "embedded", "--train-size", "300",
+            "--val-size", "100", "--budget", "0.6", "--trials", "2", "--trial-fraction", "0.5",
+            "--points", "2", "--methods", "rso,es,sgd", "--out", str(tmp_path)]
+    assert script.main(args) == 0
+    first = capsys.readouterr().out
+    doc = json.loads((tmp_path / "compare_methods_paper_mnist_cpu.json").read_text())
+    res = doc["result"]
+    for m in ("rso", "es", "sgd"):
+        assert 0.0 <= res[f"test_acc_{m}"] <= 1.0
+        assert res[f"cpu_seconds_{m}"] >= 0.6 or doc["methods"][m]["cycles"] is not None
+        assert res[f"seconds_{m}"] > 0
+        assert len(doc["methods"][m]["trials"]) == 2
+        assert doc["methods"][m]["hparams"] in script.GRIDS[m][:2]
+    assert doc["methods"]["rso"]["cycles"] >= 1
+    assert first.count("trial") >= 6
+    runs = json.loads((tmp_path / "runs.json").read_text())
+    assert set(runs) == {f"{m}/{k}" for m in ("rso", "es", "sgd")
+                         for k in ("trial0", "trial1", "final")}
+    # a rerun finds every run in runs.json and trains nothing
+    assert script.main(args) == 0
+    again = capsys.readouterr().out
+    assert "trial 0" not in again and "final" not in again.split("| method")[0]
+    assert json.loads((tmp_path / "compare_methods_paper_mnist_cpu.json").read_text())[
+        "result"] == res
+
+
+def test_compare_methods_refuses_bad_arguments(script, tmp_path):
+    with pytest.raises(SystemExit):
+        script.main(["--methods", "rso,adam", "--out", str(tmp_path)])
+    with pytest.raises(SystemExit):
+        script.main(["--trials", "9", "--out", str(tmp_path)])
