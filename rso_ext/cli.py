@@ -12,7 +12,7 @@ from typing import Any, Sequence
 
 import torch
 
-from . import checkpoint, data, memory, metrics, models, runtime
+from . import checkpoint, data, distributed, memory, metrics, models, runtime
 from .methods import METHODS, Method, from_config, method_help, takers
 from .rso import BACKENDS, RSO
 from .sweep import NonFiniteLossError
@@ -192,6 +192,11 @@ def _evaluate(rso: RSO, splits: data.Splits) -> dict[str, float]:
     return out
 
 
+def _restarted_by_torchrun() -> bool:
+    """Whether torchrun restarted this worker group after a failure (``--max-restarts``)."""
+    return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
+
+
 def _stop_note(sweeps, rso: RSO, run_dir: Path):
     """``sweeps`` as they come; a non-finite loss is re-raised saying which checkpoint is kept."""
     try:
@@ -214,7 +219,13 @@ def train(args: argparse.Namespace) -> int:
     else:
         cfg = {k: getattr(args, k) for k in DEFAULTS}
         run_dir = Path(args.out or f"runs/{cfg['model']}-{time.strftime('%Y%m%d-%H%M%S')}")
-        if (run_dir / CONFIG).exists():
+        if (run_dir / CONFIG).exists() and _restarted_by_torchrun():
+            # torchrun restarts a failed worker group with the same command: continue the run
+            if _read_config(run_dir) != json.loads(json.dumps(cfg)):
+                raise SystemExit(f"error: restarted by torchrun, but {run_dir} holds a run with "
+                                 "another configuration")
+            args.resume = str(run_dir)
+        elif (run_dir / CONFIG).exists():
             raise SystemExit(f"error: {run_dir} already holds a run; use --resume {run_dir} "
                              "to continue it or choose another --out")
         if run_dir.exists() and not run_dir.is_dir():
@@ -222,19 +233,26 @@ def train(args: argparse.Namespace) -> int:
     if cfg["threads"]:
         torch.set_num_threads(cfg["threads"])
     runtime.reuse_freed_memory()
+    # under torchrun: one run over every rank; rank 0 alone writes the run folder
+    several = distributed.init_from_env(cfg["device"])
+    writer = distributed.is_writer()
     # everything that can be refused (data, arguments, model, memory) is, before any file is made
     splits = _load_data(cfg)
     rso = _build(cfg, cfg["device"])
     if hasattr(rso, "check"):
         rso.check(splits.train_x, splits.train_y)
+    if several and not hasattr(rso, "check"):
+        raise ValueError(f"--method {cfg.get('method')} does not run over several processes")
     metrics_path, ckpt_path = run_dir / METRICS, run_dir / CKPT
     elapsed = cpu_elapsed = 0.0
     if args.resume:
-        for stale in run_dir.glob(".*.tmp*"):        # left by a write that was killed
-            stale.unlink(missing_ok=True)
+        if writer:
+            for stale in run_dir.glob(".*.tmp*"):     # left by a write that was killed
+                stale.unlink(missing_ok=True)
         found = _load_latest(run_dir)
         if found is None:                             # killed before the first checkpoint
-            _truncate_lines(metrics_path, 0)
+            if writer:
+                _truncate_lines(metrics_path, 0)
         else:
             ck, src = found
             rso.load_state_dict(ck["rso"])
@@ -243,27 +261,33 @@ def train(args: argparse.Namespace) -> int:
                 raise checkpoint.CheckpointError(
                     f"{metrics_path} has {have} lines but {src} records {ck['metrics_lines']}: "
                     "the metrics file was truncated or replaced after that checkpoint")
-            _truncate_lines(metrics_path, ck["metrics_lines"])
+            if writer:
+                _truncate_lines(metrics_path, ck["metrics_lines"])
             elapsed = ck["elapsed"]
             cpu_elapsed = ck.get("cpu_elapsed", 0.0)   # older checkpoints lack it
-            print(f"resuming {run_dir} at cycle {rso.cycle + 1}, unit {rso.unit + 1} "
-                  f"(from {src.name})", flush=True)
-    else:
+            if writer:
+                print(f"resuming {run_dir} at cycle {rso.cycle + 1}, unit {rso.unit + 1} "
+                      f"(from {src.name})", flush=True)
+    elif writer:
         run_dir.mkdir(parents=True, exist_ok=True)
         checkpoint.atomic_write_bytes(run_dir / CONFIG, json.dumps(cfg, indent=2).encode())
         metrics_path.unlink(missing_ok=True)
-    print(f"run folder: {run_dir}\ntraining {cfg['model']} on {len(splits.train_x)} "
-          f"{cfg['data']} images, B={cfg['batch_size']}, {cfg['cycles']} cycle(s), "
-          f"device={cfg['device']}", flush=True)
+    # no rank starts before every rank has loaded the checkpoint rank 0 will next replace
+    distributed.barrier()
+    say = print if writer else (lambda *a, **k: None)
+    say(f"run folder: {run_dir}\ntraining {cfg['model']} on {len(splits.train_x)} "
+        f"{cfg['data']} images, B={cfg['batch_size']}, {cfg['cycles']} cycle(s), "
+        f"device={cfg['device']}" + (f", {distributed.world()[1]} processes" if several else ""),
+        flush=True)
     if getattr(rso, "backend_reason", ""):
-        print(f"backend {rso.backend_reason}", flush=True)
+        say(f"backend {rso.backend_reason}", flush=True)
 
     # wall seconds and this process's CPU seconds (all threads), both carried across resumes;
     # CPU seconds do not count time the process was stopped or waiting for another process
     t_start = time.perf_counter() - elapsed
     c_start = time.process_time() - cpu_elapsed
     for stats in _stop_note(rso.run(splits.train_x, splits.train_y,
-                                    progress=not args.no_progress), rso, run_dir):
+                                    progress=writer and not args.no_progress), rso, run_dir):
         records = [dict(type="sweep", **stats.as_dict())]
         if stats.cycle_done:
             ev = _evaluate(rso, splits)
@@ -271,20 +295,24 @@ def train(args: argparse.Namespace) -> int:
                        seconds=time.perf_counter() - t_start,
                        cpu_seconds=time.process_time() - c_start, **ev)
             records.append(rec)
-            print(f"cycle {rec['cycle']}/{cfg['cycles']}: "
-                  + " ".join(f"{k}={v:.4f}" for k, v in ev.items())
-                  + f" ({rec['seconds']:.1f} s)", flush=True)
-        _append_lines(metrics_path, records)
-        checkpoint.save({"rso": rso.state_dict(), "metrics_lines": _count_lines(metrics_path),
-                         "elapsed": time.perf_counter() - t_start,
-                         "cpu_elapsed": time.process_time() - c_start}, ckpt_path)
+            say(f"cycle {rec['cycle']}/{cfg['cycles']}: "
+                + " ".join(f"{k}={v:.4f}" for k, v in ev.items())
+                + f" ({rec['seconds']:.1f} s)", flush=True)
+        if writer:
+            _append_lines(metrics_path, records)
+            checkpoint.save({"rso": rso.state_dict(), "metrics_lines": _count_lines(metrics_path),
+                             "elapsed": time.perf_counter() - t_start,
+                             "cpu_elapsed": time.process_time() - c_start}, ckpt_path)
 
     result = dict(model=cfg["model"], method=cfg.get("method", "rso"), data=cfg["data"],
                   cycles=cfg["cycles"],
                   batch_size=cfg["batch_size"], train_size=len(splits.train_x),
                   seconds=time.perf_counter() - t_start, **_evaluate(rso, splits))
-    checkpoint.atomic_write_bytes(run_dir / RESULT, json.dumps(result, indent=2).encode())
-    print(_summary(result, cfg, run_dir), flush=True)
+    if several:
+        result["processes"] = distributed.world()[1]
+    if writer:
+        checkpoint.atomic_write_bytes(run_dir / RESULT, json.dumps(result, indent=2).encode())
+    say(_summary(result, cfg, run_dir), flush=True)
     return 0
 
 

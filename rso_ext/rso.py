@@ -14,7 +14,7 @@ from typing import Any, Dict, Optional, Union
 import torch
 from torch import nn
 
-from . import batchnorm, memory, schedule
+from . import batchnorm, distributed, memory, schedule
 from .checks import (check_at_least, check_choice, check_finite_nonneg, check_generator,
                      check_model, check_range, check_types)
 from .contract import Method, Stats, check_hparams, progress_bar, register
@@ -147,6 +147,15 @@ class RSO(Method):
                 self.backend_reason = (f"torch: loss={self.hparams['loss']} is not the "
                                        "cross-entropy the fused kernels compute")
                 logger.info("rso_ext backend %s", self.backend_reason)
+            elif asked != "torch" and distributed.active():
+                if asked == "fused":
+                    raise ValueError("backend='fused' does not run over several processes yet "
+                                     "(its compiled sweep does not reduce across ranks); use "
+                                     "backend='torch' or 'auto'")
+                self.backend_reason = ("torch: backend='auto' and a process group of "
+                                       f"{distributed.world()[1]} ranks is active (the fused "
+                                       "backend runs in one process only)")
+                logger.info("rso_ext backend %s", self.backend_reason)
             elif asked != "torch":
                 try:
                     plan = lower(self.model, sample)
@@ -182,8 +191,17 @@ class RSO(Method):
         if self.hparams["batch_size"] > len(x):
             raise ValueError(f"batch_size={self.hparams['batch_size']} is larger than the "
                              f"training set ({len(x)} samples)")
+        if distributed.active():
+            self._check_distributed(x, y)
         dev = self.device
         return x.to(dev, self.param_dtype), y.to(dev, torch.long)
+
+    def _check_distributed(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        """Over several processes: the minibatch splits evenly and every rank holds the same
+        data (checked once, on first data)."""
+        distributed.shard(self.hparams["batch_size"], f"batch_size={self.hparams['batch_size']}")
+        if self.units is None:
+            distributed.check_same_data(x, y)
 
     @torch.no_grad()
     def _num_classes(self, sample: torch.Tensor) -> int:
@@ -249,7 +267,8 @@ class RSO(Method):
                                     h["batch_size"], h["sampler"])
         sweeper = sweeper or self.sweeper(unit)
         self._check_memory(unit, sweeper, x)
-        with batchnorm.search_mode(self.model, self._order, unit.position):
+        with batchnorm.search_mode(self.model, self._order, unit.position), \
+                distributed.whole_batch_norm(self.model):     # a sharded minibatch's statistics
             sweeper.begin(x, y)
             bar = progress_bar(total=n, desc=unit.name, enabled=progress, leave=False)
             try:
@@ -353,4 +372,7 @@ class RSO(Method):
         """The weight loop of this object's backend for ``unit``."""
         if self.plan is not None:
             return FusedSweeper(self.plan, unit, store=self._caches)
-        return TorchSweeper(unit, make_evaluator(self.model, unit, self.loss))
+        evaluator = make_evaluator(self.model, unit, self.loss)
+        if distributed.active():      # each rank on its shard of every minibatch
+            evaluator = distributed.ShardedEvaluator(evaluator)
+        return TorchSweeper(unit, evaluator)

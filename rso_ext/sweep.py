@@ -118,7 +118,7 @@ class TorchSweeper:
         """(bytes, description) of this sweep on ``pool_size`` samples (see
         :func:`rso_ext.memory.torch_sweep_estimate`: the evaluator decides what is cached and
         how many candidates run at once)."""
-        ev = self.evaluator
+        ev = getattr(self.evaluator, "inner", self.evaluator)    # a ShardedEvaluator's own
         return torch_sweep_estimate(trace, unit_module, pool_size, batch_size,
                                     cached=isinstance(ev, CachedInput),
                                     batched=isinstance(ev, BatchedCandidates))

@@ -35,6 +35,32 @@ def tiny_mnist_net(generator=None):
 models.MODELS["tiny"] = tiny_mnist_net
 
 
+def _die_on_cue() -> None:
+    """Under torchrun, for the killed-rank test: with RSO_EXT_TEST_KILL="RANK:N" the worker of
+    that rank SIGKILLs itself at the start of its N-th unit sweep, on the first launch only
+    (torchrun then restarts the whole worker group)."""
+    cue = os.environ.get("RSO_EXT_TEST_KILL")
+    if not cue or int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0:
+        return
+    rank, n = (int(v) for v in cue.split(":"))
+    if int(os.environ.get("RANK", "0")) != rank:
+        return
+    import signal
+
+    from rso_ext.rso import RSO
+    sweep, calls = RSO._sweep, {"n": 0}
+
+    def dying(self, *a, **k):
+        calls["n"] += 1
+        if calls["n"] == n:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return sweep(self, *a, **k)
+    RSO._sweep = dying
+
+
+_die_on_cue()
+
+
 def serve() -> None:
     out = sys.stdout
     print("ready", file=out, flush=True)

@@ -33,7 +33,7 @@ from typing import Any, Callable, Dict, Optional, Sequence, Union
 import torch
 from torch import nn
 
-from .. import batchnorm
+from .. import batchnorm, distributed
 # check_choice and check_range were defined here before rso_ext.checks: importable as before
 from ..checks import (check_choice, check_generator, check_int, check_model,  # noqa: F401
                       check_range)
@@ -335,6 +335,12 @@ class PopulationMethod(Method):
         if self.hparams["batch_size"] > len(x):
             raise ValueError(f"batch_size={self.hparams['batch_size']} is larger than the "
                              f"training set ({len(x)} samples)")
+        if distributed.active():          # the members are split across the ranks
+            distributed.shard(self.hparams["population"],
+                              f"population={self.hparams['population']}")
+            if not getattr(self, "_same_data_checked", False):
+                distributed.check_same_data(x, y)
+                self._same_data_checked = True
         return x.to(self.device, self.param_dtype), y.to(self.device)
 
     def start(self) -> None:
@@ -435,6 +441,10 @@ class PopulationMethod(Method):
         if self.batched_loss is None:
             self._see(x)
             self._prepare_loss()
+        if distributed.active():          # this rank's members, then everyone's losses
+            a, b = distributed.shard(len(thetas), "the population")
+            return distributed.gather_shards(
+                self.batched_loss(thetas[a:b], x, y).to(torch.float64))
         return self.batched_loss(thetas, x, y)
 
     # -- the search --------------------------------------------------------------------------------
