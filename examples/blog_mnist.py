@@ -134,6 +134,9 @@ def main(argv=None):
     p.add_argument("--sparsity", type=float, default=0.5, help="loop: TicketFinder's target")
     p.add_argument("--cycles", type=int, default=1, help="fast: RSO cycles")
     p.add_argument("--rso-batch-size", type=int, default=512, help="fast: RSO's minibatch")
+    p.add_argument("--pool-size", type=int, default=10000,
+                   help="fast: training images each unit sweep searches on, drawn afresh (the "
+                        "caches of conv2 over all 60,000 would take 26 GB)")
     p.add_argument("--max-units", type=int, default=0,
                    help="fast: stop after this many unit sweeps (0: all cycles)")
     p.add_argument("--train-size", type=int, default=None,
@@ -167,6 +170,7 @@ def main(argv=None):
         x, y = (torch.stack([d[0] for d in train_set]),
                 torch.tensor([int(d[1]) for d in train_set]))
         rso = rso_ext.RSO(model, cycles=args.cycles, batch_size=min(args.rso_batch_size, len(x)),
+                          pool_size=min(args.pool_size, len(x)),
                           generator=torch.Generator().manual_seed(args.seed))
         rso.check(x, y)                     # data, model and memory; picks the backend
         print(f"RSO backend {rso.backend_reason}")
