@@ -54,6 +54,7 @@ def _lines(run: Path) -> list[dict]:
     rows = [json.loads(line) for line in (run / cli.METRICS).read_text().splitlines()]
     for r in rows:
         r.pop("seconds", None)
+        r.pop("cpu_seconds", None)      # clocks differ between runs; everything else may not
     return rows
 
 
