@@ -46,11 +46,11 @@ def _search(kind: str, backend: str = "torch", batch: int = 64):
                             parents=3, generator=g)
 
 
-def _train(kind: str, x, y, **kw):
+def _train(kind: str, x, y, steps=None, **kw):
     """Weights and per-step stats after UNITS steps (or 4 generations)."""
     s = _search(kind, **kw)
-    stats = [s.step(x, y).as_dict() for _ in range(UNITS if kind in ("rso", "sa", "ticket")
-                                                  else 4)]
+    steps = steps or (UNITS if kind in ("rso", "sa", "ticket") else 4)
+    stats = [s.step(x, y).as_dict() for _ in range(steps)]
     for st in stats:
         st.pop("seconds", None)
     return {k: v.clone() for k, v in s.model.state_dict().items()}, stats, s
@@ -127,7 +127,7 @@ def test_two_ranks_make_the_decisions_of_one_process(kind, single, tmp_path):
 
 
 def test_auto_picks_torch_over_several_processes_and_fused_is_refused(tmp_path):
-    r0, _ = _spawn(tmp_path, dict(kind="rso", kw=dict(backend="auto")))
+    r0, _ = _spawn(tmp_path, dict(kind="rso", kw=dict(backend="auto", steps=1)))
     assert "a process group of 2 ranks is active" in r0["reason"]
     errs = _spawn(tmp_path / "f", dict(kind="rso", kw=dict(backend="fused")))
     for e in errs:
