@@ -241,8 +241,6 @@ def train(args: argparse.Namespace) -> int:
     rso = _build(cfg, cfg["device"])
     if hasattr(rso, "check"):
         rso.check(splits.train_x, splits.train_y)
-    if several and not hasattr(rso, "check"):
-        raise ValueError(f"--method {cfg.get('method')} does not run over several processes")
     metrics_path, ckpt_path = run_dir / METRICS, run_dir / CKPT
     elapsed = cpu_elapsed = 0.0
     if args.resume:
