@@ -254,3 +254,17 @@ def test_torchrun_refuses_a_batch_that_does_not_split_and_writes_nothing(tiny_ro
     assert r.stderr.count("batch_size=21 (21) must be a multiple of the number of processes "
                           "(2)") == 2, r.stderr[-3000:]
     assert not out.exists()
+
+
+def test_bench_distributed_runs(tmp_path):
+    """benchmarks/bench_distributed.py end to end at toy sizes (its figures mean nothing here)."""
+    out = tmp_path / "b.json"
+    r = subprocess.run([sys.executable, str(HERE.parent / "benchmarks" / "bench_distributed.py"),
+                        "--data-root", "embedded", "--batch-size", "16", "--train-size", "64",
+                        "--weights", "1", "--reductions", "5", "--threads", "2",
+                        "--out", str(out)], capture_output=True, text=True, timeout=600,
+                       env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    res = json.loads(out.read_text())["result"]
+    assert res["cycle_s_one_process"] > 0 and res["cycle_s_ranks"] > 0
+    assert res["reduction_us"] > 0 and res["ranks"] == 2
