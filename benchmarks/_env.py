@@ -1,4 +1,5 @@
-"""What every benchmark records about where it ran: device name, git commit, default data root."""
+"""What every benchmark records about where it ran (device name, git commit, default data root),
+and its plotting module."""
 from __future__ import annotations
 
 import os
@@ -39,3 +40,16 @@ def git_commit() -> str:
 def default_data_root() -> str | None:
     """The full MNIST named by the environment variable RSO_EXT_MNIST_ROOT (README.md), if set."""
     return os.environ.get("RSO_EXT_MNIST_ROOT") or None
+
+
+def pyplot():
+    """matplotlib.pyplot on the file-only Agg backend, or None (saying so) without matplotlib."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("note: matplotlib missing, no PNG", flush=True)
+        return None
+    return plt
+

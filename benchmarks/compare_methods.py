@@ -55,7 +55,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _env import default_data_root, device_name, git_commit  # noqa: E402
+from _env import default_data_root, device_name, git_commit, pyplot  # noqa: E402
 
 from rso_ext import data, metrics, models, runtime  # noqa: E402
 from rso_ext.methods import METHODS as SEARCHES  # noqa: E402
@@ -389,12 +389,8 @@ def main(argv=None) -> int:
 
 
 def plot(doc: dict, path: Path) -> Path | None:
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("note: matplotlib missing, no PNG", flush=True)
+    plt = pyplot()
+    if plt is None:
         return None
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
     for ax, key, label in ((axes[0], "cpu_seconds", "process CPU seconds"),

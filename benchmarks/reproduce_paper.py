@@ -43,7 +43,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _env import default_data_root, device_name, git_commit  # noqa: E402
+from _env import default_data_root, device_name, git_commit, pyplot  # noqa: E402
 
 import rso_ext  # noqa: E402
 from rso_ext import cli, data, metrics, models, runtime  # noqa: E402
@@ -195,12 +195,8 @@ def baseline(args, splits: data.Splits) -> list[float]:
 
 
 def plot(rows: list[dict], path: Path, title: str) -> Path | None:
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("note: matplotlib missing, no PNG", flush=True)
+    plt = pyplot()
+    if plt is None:
         return None
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     for ax, xkey, xlabel in ((axes[0], "cycle", "cycle"), (axes[1], "seconds", "wall seconds")):
