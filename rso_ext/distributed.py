@@ -30,7 +30,8 @@ import torch.distributed as dist
 from torch import nn
 
 __all__ = ["world", "active", "shard", "all_reduce_sum", "gather_shards", "ShardedEvaluator",
-           "batch_norm_forward", "whole_batch_norm", "check_same_data", "init_from_env",
+           "batch_norm_forward", "whole_batch_norm", "check_split", "check_same_data",
+           "init_from_env",
            "is_writer", "barrier"]
 
 
@@ -141,6 +142,17 @@ def whole_batch_norm(model: nn.Module) -> Iterator[None]:
     finally:
         for m in patched:
             del m.forward
+
+
+def check_split(n: int, what: str, x: torch.Tensor, y: torch.Tensor, first: bool) -> None:
+    """Over several processes: ``n`` items (the minibatch, or the population) split evenly across
+    the ranks (``what`` names them), and, on a method's ``first`` data, every rank holds the same
+    ``(x, y)``. Without a process group, nothing."""
+    if not active():
+        return
+    shard(n, what)
+    if first:
+        check_same_data(x, y)
 
 
 def check_same_data(x: torch.Tensor, y: torch.Tensor) -> None:

@@ -191,17 +191,10 @@ class RSO(Method):
         if self.hparams["batch_size"] > len(x):
             raise ValueError(f"batch_size={self.hparams['batch_size']} is larger than the "
                              f"training set ({len(x)} samples)")
-        if distributed.active():
-            self._check_distributed(x, y)
+        b = self.hparams["batch_size"]      # each rank takes a share of every minibatch
+        distributed.check_split(b, f"batch_size={b}", x, y, first=self.units is None)
         dev = self.device
         return x.to(dev, self.param_dtype), y.to(dev, torch.long)
-
-    def _check_distributed(self, x: torch.Tensor, y: torch.Tensor) -> None:
-        """Over several processes: the minibatch splits evenly and every rank holds the same
-        data (checked once, on first data)."""
-        distributed.shard(self.hparams["batch_size"], f"batch_size={self.hparams['batch_size']}")
-        if self.units is None:
-            distributed.check_same_data(x, y)
 
     @torch.no_grad()
     def _num_classes(self, sample: torch.Tensor) -> int:

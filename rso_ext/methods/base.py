@@ -335,12 +335,8 @@ class PopulationMethod(Method):
         if self.hparams["batch_size"] > len(x):
             raise ValueError(f"batch_size={self.hparams['batch_size']} is larger than the "
                              f"training set ({len(x)} samples)")
-        if distributed.active():          # the members are split across the ranks
-            distributed.shard(self.hparams["population"],
-                              f"population={self.hparams['population']}")
-            if not getattr(self, "_same_data_checked", False):
-                distributed.check_same_data(x, y)
-                self._same_data_checked = True
+        p = self.hparams["population"]     # each rank takes a share of the members
+        distributed.check_split(p, f"population={p}", x, y, first=self._sample is None)
         return x.to(self.device, self.param_dtype), y.to(self.device)
 
     def start(self) -> None:
