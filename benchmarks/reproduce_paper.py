@@ -154,10 +154,9 @@ def train(args, splits: data.Splits) -> tuple[list[dict], str]:
 
 
 def rows_from_run(run_dir: Path) -> list[dict]:
-    """The per-cycle rows of ``train`` (same keys, plus ``cpu_seconds``) from a CLI run folder."""
+    """The per-cycle rows of ``train`` (same keys, plus ``cpu_seconds``) from a CLI run folder
+    (main() has checked that it is one)."""
     path = run_dir / cli.METRICS
-    if not path.exists():
-        raise SystemExit(f"error: --from-run {run_dir}: no {cli.METRICS} there (not a run folder)")
     rows: list[dict] = []
     units: list[dict] = []
     train_s = 0.0
