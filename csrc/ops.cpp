@@ -7,6 +7,7 @@
 
 #include <pybind11/pybind11.h>
 
+#include "core/fused.h"
 #include "core/program.h"
 
 TORCH_LIBRARY(rso_ext, m) {
@@ -75,6 +76,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "rso_ext compiled operators; call them through torch.ops.rso_ext or rso_ext.ops";
   m.def("cuda_built", [] { return kCudaBuilt; },
         "Whether the CUDA kernels were compiled into this build of the extension.");
+  m.def("left_out_budget", [] { return rso::fused::kLeftOutBudget; },
+        "Most bytes of per-neuron states one fused_sweep call keeps (csrc/core/fused.h).");
   m.def("op_kinds", [] {
           pybind11::dict kinds;
           for (int64_t k = 0;; ++k) {

@@ -110,6 +110,13 @@ def cuda_built() -> bool:
     return bool(_C.cuda_built())
 
 
+def left_out_budget() -> int:
+    """Most bytes of per-neuron states one ``fused_sweep`` call keeps at once: the next
+    layer's output with the swept neuron's channel left out, one per minibatch that recurs
+    within the neuron (docs/design.md §2)."""
+    return int(_C.left_out_budget())
+
+
 def candidate_cross_entropy(logits: Tensor, target: Tensor) -> Tensor:
     """Summed softmax cross-entropy of ``K`` candidate logit sets over one batch.
 

@@ -507,20 +507,18 @@ def test_program_forward_equals_the_modules(seed):
         ops.program_forward(x.double(), prog)
 
 
-def test_logits_layer_sweep_with_the_pool_log_sum_exp_matches_per_weight_losses():
-    # a pool (40) smaller than a neuron's minibatches (4 weights x 16): the sweep keeps the
-    # other logits' log-sum-exp over the pool per neuron (head_evaluate.cpp, pool_rest_losses);
-    # replayed weight by weight, the per-minibatch evaluation gives the same losses (up to
-    # the rounding of z: the sweep recomputes feature o per minibatch, the replay updates it)
-    net = tiny_net(seed=3, bias=True)
-    x, y = toy_data(40)
+def _sweep_and_replay(net, x, y, name: str, batch: int = 16):
+    """Sweep every weight of unit ``name`` in one ``fused_sweep`` call (shuffle sampler), then
+    replay it from the same start weight by weight with the plain per-weight evaluation
+    (``FusedSweeper.losses``) and the sweep's choices; returns (chosen, swept losses, replayed
+    losses) and checks that the replay ends on the sweep's weights bit for bit."""
     calibrate(net, x)
     order = [m for _, m in execution_order(net, x[:2])]
     plan = lower(net, x[:2])
-    unit = next(u for u in visit_units(net, x[:2]) if u.name == "fc.weight")
+    unit = next(u for u in visit_units(net, x[:2]) if u.name == name)
     start = unit.param.data.clone()
     n = unit.param.numel()
-    streams = SweepStreams.draw(torch.Generator().manual_seed(5), n, 0.5, len(x), 16)
+    streams = SweepStreams.draw(torch.Generator().manual_seed(5), n, 0.5, len(x), batch)
     values = candidate_values(start.view(-1), streams.deltas, 0.99)
     with search_mode(net, order, unit.position):
         sw = FusedSweeper(plan, unit)
@@ -531,9 +529,50 @@ def test_logits_layer_sweep_with_the_pool_log_sum_exp_matches_per_weight_losses(
         unit.param.data.copy_(start)
         sw = FusedSweeper(plan, unit)
         sw.begin(x, y)
+        replay = []
         for k in range(n):
-            torch.testing.assert_close(sw.losses(k, values[k], streams.batch(k)), losses[k],
-                                       rtol=1e-6, atol=1e-6, msg=lambda m: f"weight {k}: {m}")
+            replay.append(sw.losses(k, values[k], streams.batch(k)))
             sw.set(k, values[k, int(chosen[k])])
-    assert (chosen != 0).any()
+        sw.end()
     torch.testing.assert_close(unit.param.data, swept, rtol=0, atol=0)
+    return chosen, losses, torch.stack(replay)
+
+
+def test_logits_layer_sweep_with_the_pool_log_sum_exp_matches_per_weight_losses():
+    # a pool (40) smaller than a neuron's minibatches (4 weights x 16): the sweep keeps the
+    # other logits' log-sum-exp over the pool per neuron (head_evaluate.cpp, pool_rest_losses);
+    # replayed weight by weight, the per-minibatch evaluation gives the same losses (up to
+    # the rounding of z: the sweep recomputes feature o per minibatch, the replay updates it)
+    x, y = toy_data(40)
+    chosen, losses, replay = _sweep_and_replay(tiny_net(seed=3, bias=True), x, y, "fc.weight")
+    torch.testing.assert_close(losses, replay, rtol=1e-6, atol=1e-6)
+    assert (chosen != 0).any()
+
+
+def _flatten_net(seed: int) -> nn.Sequential:
+    """Two convs, the second reaching a hidden linear layer through Flatten (16 features per
+    channel) and a max-pool: a channel's share of the next layer is a block of features."""
+    g = torch.Generator().manual_seed(seed)
+    net = nn.Sequential(OrderedDict([
+        ("conv1", nn.Conv2d(1, 3, 3, padding=1, bias=False)), ("bn1", nn.BatchNorm2d(3)),
+        ("relu1", nn.ReLU()),
+        ("conv2", nn.Conv2d(3, 3, 3, padding=1, bias=True)), ("bn2", nn.BatchNorm2d(3)),
+        ("relu2", nn.ReLU()), ("pool2", nn.MaxPool2d(2)), ("flat", nn.Flatten()),
+        ("fc1", nn.Linear(48, 5)), ("relu3", nn.ReLU()), ("fc2", nn.Linear(5, 3))]))
+    return models.he_init_(net, g)
+
+
+@pytest.mark.parametrize("make,name", [(tiny_net, "conv1.weight"), (_flatten_net, "conv1.weight"),
+                                       (_flatten_net, "conv2.weight")])
+def test_per_neuron_states_of_recurring_minibatches_match_the_plain_evaluation(make, name):
+    # pool 48, B=16: the shuffle sampler cycles through 3 minibatches, so each recurs within
+    # every neuron and the sweep evaluates those weights on the next layer's output with the
+    # neuron's channel left out, kept per (neuron, minibatch) (csrc/core/fused.cpp,
+    # left_out_state; conv1 with one input channel also recomputes its channel per minibatch,
+    # lazy_z). Replayed weight by weight, the plain evaluation gives the same losses and
+    # decisions; its rounding differs, so bitwise equal losses would mean no state was used.
+    x, y = toy_data(48, seed=6)
+    chosen, losses, replay = _sweep_and_replay(make(seed=2), x, y, name)
+    torch.testing.assert_close(losses, replay, rtol=1e-6, atol=1e-6)
+    assert not torch.equal(losses, replay), "the sweep never used a per-neuron state"
+    assert (chosen != 0).sum() > len(chosen) // 3

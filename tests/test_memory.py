@@ -155,3 +155,30 @@ def test_memory_freed_to_the_heap_counts_as_available():
     del t
     assert runtime.heap_free_bytes() >= during + (64 << 20) - (1 << 20)
     assert memory.available_bytes("cpu") >= runtime.heap_free_bytes()
+
+
+def test_fused_estimate_counts_the_per_neuron_states():
+    # paper_mnist at the paper's B=5000 on 55,000 images: 11 minibatches recur in each of
+    # conv2's neurons (144 weights); each state is conv3's output for 5000 samples
+    # (16 x 14 x 14 float32). conv1's neurons (9 weights) see no minibatch twice, and the
+    # logits layer has no next layer: neither keeps states.
+    from rso_ext.fused import lower
+    from rso_ext import ops
+    from rso_ext.fused.sweeper import FusedSweeper, fused_sweep_estimate, left_out_state_bytes
+    net = models.paper_mnist(torch.Generator().manual_seed(0))
+    x = torch.zeros(2, 1, 28, 28)
+    trace = memory.trace_footprint(net, x)
+    plan = lower(net, x)
+    found = {}
+    for unit in visit_units(net, x):
+        found[unit.name] = memory.sweep_estimate(net, unit.module, FusedSweeper(plan, unit),
+                                                 55000, 5000, trace=trace)
+    state = 11 * 5000 * 16 * 14 * 14 * 4
+    plain, _ = fused_sweep_estimate(trace, net.conv2, 55000, 5000)
+    assert found["conv2.weight"][0] == plain + state
+    assert found["conv2.weight"][1].endswith(f"per-neuron states {memory.format_bytes(state)}")
+    for name in ("conv1.weight", "fc.weight", "bn2.weight"):
+        assert "per-neuron states" not in found[name][1], name
+    # more minibatches than weights in a neuron: none recurs; four of 27,500 samples: capped
+    assert left_out_state_bytes(trace, net.conv2, 144, 55000, 50) == 0
+    assert left_out_state_bytes(trace, net.conv2, 144, 110000, 27500) == ops.left_out_budget()

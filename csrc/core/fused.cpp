@@ -24,6 +24,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <unordered_map>
 #include <vector>
 
 #include "../common/math.h"
@@ -255,9 +256,10 @@ void channel_candidates_aten(const Sweep& s, const Site& st, int64_t k, const at
 namespace {
 
 // The K summed float64 losses of weight k with candidate values `values` [K] on the
-// minibatch `idx` [B]. Reads the caches, changes nothing.
+// minibatch `idx` [B]. Reads the caches, changes nothing. `left_out`, when defined, is
+// left_out_state(s, o, idx) for the weight's neuron o (per_neuron_pays).
 at::Tensor evaluate(const Backend& be, const Sweep& s, int64_t k, const at::Tensor& values,
-                    const at::Tensor& idx) {
+                    const at::Tensor& idx, const at::Tensor& left_out = at::Tensor()) {
   const Site st = site_of(s, k);
   const int64_t K = values.numel();
   const int64_t B = idx.numel();
@@ -284,11 +286,22 @@ at::Tensor evaluate(const Backend& be, const Sweep& s, int64_t k, const at::Tens
     return evaluate_dag(be, s, st, K, vals, idx, zo, fresh_o);
   }
   const at::Tensor target_b = s.target.index_select(0, idx);
+  const int64_t chain_end = prog.next < 0 ? n_ops : prog.next;
+  if (left_out.defined()) {  // the other channels' share of the next layer is known
+    at::Tensor a_o = zo;
+    for (int64_t i = 1; i < chain_end; ++i) {
+      a_o = apply_single(prog.ops[i], a_o, st.o, K, at::Tensor(), at::Tensor());
+    }
+    const at::Tensor h = mixing_single_add(prog.ops[prog.next], left_out, a_o, st.o, K);
+    const at::Tensor logits = run_dense(prog, prog.next + 1, n_ops, h, K).reshape({K, B, -1});
+    TORCH_CHECK(logits.size(2) == s.classes, "fused: the program produced logits of shape ",
+                logits.sizes(), ", expected [K, B, ", s.classes, "]");
+    return be.cross_entropy(s, logits, target_b);
+  }
   const at::Tensor zb = s.z.index_select(0, idx);
   if (fresh_o.defined()) {
     zb.narrow(1, st.o, 1).copy_(fresh_o);
   }
-  const int64_t chain_end = prog.next < 0 ? n_ops : prog.next;
   at::Tensor a_o = zo;
   at::Tensor cur_o = zb.narrow(1, st.o, 1);
   for (int64_t i = 1; i < chain_end; ++i) {
@@ -316,6 +329,74 @@ at::Tensor evaluate(const Backend& be, const Sweep& s, int64_t k, const at::Tens
   TORCH_CHECK(logits.size(2) == s.classes, "fused: the program produced logits of shape ",
               logits.sizes(), ", expected [K, B, ", s.classes, "]");
   return be.cross_entropy(s, logits, target_b);
+}
+
+// [B, Cn, ...]: the next mixing layer's output on the pool samples `idx` with channel o of
+// the ops after the swept layer set to zero, h_{-o} (docs/design.md §2). While neuron o is
+// swept only channel o of the swept layer moves, and the ops between it and the next layer
+// are channel-local (a BatchNorm's batch statistics too: per channel and minibatch), so this
+// stays exact for every weight of the neuron evaluated on this minibatch. Channel o of z may
+// be stale (lazy_z): it is zeroed after the chain.
+at::Tensor left_out_state(const Sweep& s, int64_t o, const at::Tensor& idx) {
+  const Program& prog = s.prog;
+  at::Tensor a = run_dense(prog, 1, prog.next, s.z.index_select(0, idx), 1);
+  if (a.dim() == 2) {  // [B, cout * w] after Flatten (w = 1 for a linear layer)
+    const int64_t w = a.size(1) / s.cout;
+    a.narrow(1, o * w, w).zero_();
+  } else {
+    a.narrow(1, o, 1).zero_();
+  }
+  return apply_dense(prog.ops[prog.next], a, 1);
+}
+
+// Whether the weights of a sweep of `s` may share per-neuron states (left_out_state): a
+// weight unit of a sequential program with a mixing layer after the swept one.
+bool per_neuron_applies(const Sweep& s) {
+  return s.kind == UnitKind::Weight && !s.prog.dag && s.prog.next > 0;
+}
+
+// For each row i of the minibatches `idx` [m, B] of weights k0 .. k0+m-1: the first row of
+// the same neuron holding the same indices, when that minibatch recurs in the neuron (the
+// shuffle sampler cycles through floor(N / B) minibatches), else -1. A state costs what the
+// plain evaluation of one weight spends on the other channels, so it pays from two uses on.
+// One read-back of `idx` per call on CUDA.
+std::vector<int64_t> recurring_rows(const Sweep& s, int64_t k0, const at::Tensor& idx) {
+  const at::Tensor host = idx.to(at::kCPU).contiguous();
+  const int64_t m = host.size(0), B = host.size(1);
+  const int64_t* p = host.data_ptr<int64_t>();
+  std::vector<int64_t> rep(m, -1), uses(m, 0);
+  std::unordered_map<uint64_t, std::vector<int64_t>> seen;  // row hash -> first rows
+  int64_t neuron = -1;
+  for (int64_t i = 0; i < m; ++i) {
+    const int64_t o = site_of(s, k0 + i).o;
+    if (o != neuron) {
+      seen.clear();
+      neuron = o;
+    }
+    uint64_t h = 1469598103934665603ull;  // FNV-1a over the row's indices
+    for (int64_t b = 0; b < B; ++b) {
+      h = (h ^ static_cast<uint64_t>(p[i * B + b])) * 1099511628211ull;
+    }
+    std::vector<int64_t>& bucket = seen[h];
+    int64_t first = i;
+    for (const int64_t j : bucket) {
+      if (std::equal(p + j * B, p + (j + 1) * B, p + i * B)) {
+        first = j;
+        break;
+      }
+    }
+    if (first == i) {
+      bucket.push_back(i);
+    }
+    rep[i] = first;
+    ++uses[first];
+  }
+  for (int64_t i = 0; i < m; ++i) {
+    if (uses[rep[i]] < 2) {
+      rep[i] = -1;
+    }
+  }
+  return rep;
 }
 
 }  // namespace
@@ -375,14 +456,37 @@ std::tuple<at::Tensor, at::Tensor> sweep(
     head->sweep(call, k0, vals, idx);
     return {call.chosen, call.losses};
   }
+  // Per-neuron states of recurring minibatches (left_out_state), dropped when the neuron
+  // ends; at most kLeftOutBudget bytes are kept, the rest evaluated plainly.
+  const std::vector<int64_t> rep =
+      per_neuron_applies(s) ? recurring_rows(s, k0, idx) : std::vector<int64_t>(m, -1);
+  std::unordered_map<int64_t, at::Tensor> states;
+  int64_t state_bytes = 0;
   for (int64_t i = 0; i < m; ++i) {
     const int64_t k = k0 + i;
-    const at::Tensor row = vals[i];
-    const at::Tensor l = evaluate(be, lazy, k, row, idx[i]);
-    const bool go_on = be.step(lazy, call, i, k, l, row);
     const int64_t o = site_of(s, k).o;
+    const at::Tensor row = vals[i];
+    at::Tensor left_out;
+    if (rep[i] >= 0) {
+      const auto it = states.find(rep[i]);
+      if (it != states.end()) {
+        left_out = it->second;
+      } else {
+        left_out = left_out_state(lazy, o, idx[i]);
+        if (state_bytes + static_cast<int64_t>(left_out.nbytes()) <= kLeftOutBudget) {
+          state_bytes += left_out.nbytes();
+          states.emplace(rep[i], left_out);
+        }
+      }
+    }
+    const at::Tensor l = evaluate(be, lazy, k, row, idx[i], left_out);
+    const bool go_on = be.step(lazy, call, i, k, l, row);
     if (lazy.lazy_z && (!go_on || i == m - 1 || site_of(s, k + 1).o != o)) {
       be.refresh_channel(lazy, o);
+    }
+    if (i + 1 < m && site_of(s, k + 1).o != o) {
+      states.clear();
+      state_bytes = 0;
     }
     if (!go_on) {
       break;

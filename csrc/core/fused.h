@@ -54,6 +54,11 @@ Site site_of(const Sweep& s, int64_t k);
 // the CPU logits head for linear layers too.
 bool lazy_z_pays(const Sweep& s, int64_t B);
 
+// Most bytes of per-neuron states (the next layer's output with the neuron's channel left
+// out, one per recurring minibatch) a fused_sweep call keeps at once; rso_ext/fused/sweeper.py
+// counts them in its memory estimate.
+constexpr int64_t kLeftOutBudget = int64_t{1} << 30;
+
 class Head;
 
 // The device-specific steps. Tensors are on the caches' device; `idx` is a contiguous int64

@@ -22,27 +22,47 @@ from .lower_graph import GraphPlan
 from .lower_sequential import Plan
 
 
+def left_out_state_bytes(trace: Sequence[ModuleFootprint], owner_module: nn.Module,
+                         weights_per_neuron: int, pool_size: int, batch_size: int) -> int:
+    """Bytes of the per-neuron states a ``fused_sweep`` call keeps for a weight unit of a
+    sequential program (csrc/core/fused.cpp, ``left_out_state``): one next-layer output of
+    ``batch_size`` samples per minibatch that recurs within a neuron (the shuffle sampler
+    cycles through ``pool_size // batch_size`` of them), at most ``_C.left_out_budget()``."""
+    start = next((i for i, f in enumerate(trace) if f.module is owner_module), None)
+    nxt = None if start is None else next(
+        (f for f in trace[start + 1:] if isinstance(f.module, (nn.Conv2d, nn.Linear))), None)
+    if nxt is None:
+        return 0
+    batches = max(1, pool_size // batch_size)
+    recurring = min(batches, max(0, weights_per_neuron - batches))
+    return min(ops.left_out_budget(), recurring * batch_size * nxt.out_bytes)
+
+
 def fused_sweep_estimate(trace: Sequence[ModuleFootprint], owner_module: nn.Module,
                          pool_size: int, batch_size: int, candidates: int = 3,
-                         side_bytes: int = 0, saved_bytes: int = 0) -> tuple[int, str]:
+                         side_bytes: int = 0, saved_bytes: int = 0,
+                         state_bytes: int = 0) -> tuple[int, str]:
     """(bytes, description) of a ``backend="fused"`` sweep whose swept layer (the conv/linear
     that owns the unit) is ``owner_module``: its input ``X_d`` and pre-activation ``Z_d`` cached
     for the whole pool (each counted twice: chunks and their concatenation coexist while they are
     built), and per minibatch the gathered rows plus the dense suffix run on all ``candidates``
     at once. A residual network's sweep (:mod:`.lower_graph`) also caches its side inputs,
     ``side_bytes`` per sample (counted as X_d is), and keeps values of ``saved_bytes`` per
-    sample for later adds while a minibatch is evaluated (counted for every candidate); the
-    figure of :meth:`FusedSweeper.memory_estimate`."""
+    sample for later adds while a minibatch is evaluated (counted for every candidate); a
+    weight unit of a sequential program keeps per-neuron states of ``state_bytes``
+    (:func:`left_out_state_bytes`). The figure of :meth:`FusedSweeper.memory_estimate`."""
     start = next((i for i, f in enumerate(trace) if f.module is owner_module), 0)
     suffix = list(trace[start:]) or list(trace)
     x_d, z_d = suffix[0].in_bytes, suffix[0].out_bytes
     peak = max((f.in_bytes + f.out_bytes for f in suffix), default=0)
     cache = 2 * (x_d + z_d + side_bytes)
     per_batch = x_d + z_d + side_bytes + candidates * (peak + saved_bytes)
-    total = estimate_sweep_bytes(pool_size, batch_size, cache, per_batch)
+    total = estimate_sweep_bytes(pool_size, batch_size, cache, per_batch, state_bytes)
     cached = "cached X_d, Z_d" + (" and side inputs" if side_bytes else "")
+    states = f" + per-neuron states {format_bytes(state_bytes)}" if state_bytes else ""
     return total, (f"{cached} {format_bytes(pool_size * cache)} for {pool_size} samples + "
-                   f"activations {format_bytes(batch_size * per_batch)} for batch {batch_size}")
+                   f"activations {format_bytes(batch_size * per_batch)} for batch {batch_size}"
+                   f"{states}")
 
 
 def _snapshot(modules) -> list[torch.Tensor]:
@@ -254,7 +274,10 @@ class FusedSweeper:
         values its program keeps in slots)."""
         owner = self.plan.steps[self.plan.owner(self.unit)].module
         if not self.plan.dag:
-            return fused_sweep_estimate(trace, owner, pool_size, batch_size)
+            param = self.unit.param
+            states = 0 if self.unit.param_name != "weight" else left_out_state_bytes(
+                trace, owner, param.numel() // param.shape[0], pool_size, batch_size)
+            return fused_sweep_estimate(trace, owner, pool_size, batch_size, state_bytes=states)
         size = next(owner.parameters()).element_size()
         side, saved = self.plan.side_widths(self.unit)
         return fused_sweep_estimate(trace, owner, pool_size, batch_size,
