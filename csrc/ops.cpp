@@ -76,6 +76,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "rso_ext compiled operators; call them through torch.ops.rso_ext or rso_ext.ops";
   m.def("cuda_built", [] { return kCudaBuilt; },
         "Whether the CUDA kernels were compiled into this build of the extension.");
+  m.def("_set_device_generic_paths", &rso::set_device_generic_paths,
+        "Test switch: CPU tensors take the device-generic (CUDA backend's) code paths.");
+  m.def("_device_generic_paths", &rso::device_generic_paths);
   m.def("left_out_budget", [] { return rso::fused::kLeftOutBudget; },
         "Most bytes of per-neuron states one fused_sweep call keeps (csrc/core/fused.h).");
   m.def("op_kinds", [] {

@@ -15,8 +15,9 @@ except ``program_forward``, whose composite C++ kernel runs on meta tensors as i
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
-from typing import Optional
+from typing import Iterator, Optional
 
 import torch
 import torch.nn.functional as F
@@ -108,6 +109,20 @@ def cuda_built() -> bool:
     makes the build fail instead of silently leaving CUDA out).
     """
     return bool(_C.cuda_built())
+
+
+@contextlib.contextmanager
+def device_generic_paths(on: bool = True) -> Iterator[None]:
+    """Test switch: within the block, CPU tensors take the device-generic code the CUDA backend
+    runs (ATen passes, ``channel_candidates_aten``, the default recompute and refresh of a lazy
+    channel, no CPU logits head) instead of the hand-written CPU passes, so that CPU tests
+    cover that code (docs/design.md §7). Not for training: it is slower, not more exact."""
+    before = bool(_C._device_generic_paths())
+    _C._set_device_generic_paths(on)
+    try:
+        yield
+    finally:
+        _C._set_device_generic_paths(before)
 
 
 def left_out_budget() -> int:

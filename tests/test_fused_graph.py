@@ -18,7 +18,9 @@ from rso_ext.visit import execution_order, visit_units
 from helpers import BlogStyle, CatDag, SmallRes, TinyDag, toy_data
 from test_fused import _check_all_units
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+# every test runs through the hand-written CPU passes and through the device-generic code of
+# the CUDA backend (conftest.py, code_paths)
+pytestmark = pytest.mark.usefixtures("one_thread", "code_paths")
 
 
 def test_every_unit_of_paper_cifar_matches_the_reference():

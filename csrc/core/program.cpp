@@ -5,6 +5,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
 #include <string>
 #include <vector>
 
@@ -104,6 +105,14 @@ Program parse_program(at::IntArrayRef kinds, at::IntArrayRef params, at::ArrayRe
   }
   return prog;
 }
+
+namespace {
+std::atomic<bool> g_device_generic{false};
+}  // namespace
+
+bool device_generic_paths() { return g_device_generic.load(std::memory_order_relaxed); }
+
+void set_device_generic_paths(bool on) { g_device_generic.store(on); }
 
 at::Tensor apply_dense(const Op& op, const at::Tensor& x, int64_t groups) {
   switch (op.kind) {

@@ -55,6 +55,13 @@ struct Program {
   int64_t slots = 0;    // 1 + the highest slot a Save/Load/Add names
 };
 
+// Test switch (rso_ext.ops.device_generic_paths): while on, CPU tensors take the
+// device-generic code the CUDA backend runs (ATen passes, channel_candidates_aten, the default
+// recompute and refresh of a lazy channel, no CPU logits head) instead of the hand-written CPU
+// passes, so that the CPU tests exercise that code too. Off by default.
+bool device_generic_paths();
+void set_device_generic_paths(bool on);
+
 // Parses and checks the encoding above (TORCH_CHECK errors name the op and the problem).
 // `swept_first`: op 0 must be the swept conv/linear layer (the fused evaluation's programs).
 Program parse_program(at::IntArrayRef kinds, at::IntArrayRef params, at::ArrayRef<double> eps,

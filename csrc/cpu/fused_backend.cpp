@@ -112,6 +112,10 @@ class CpuBackend final : public Backend {
   void channel_candidates(const Sweep& s, const Site& st, int64_t k, const at::Tensor& vals,
                           int64_t K, const at::Tensor& idx, const at::Tensor& base,
                           const at::Tensor& out) const override {
+    if (device_generic_paths() && base.defined()) {  // as the CUDA backend does
+      channel_candidates_aten(s, st, k, vals, K, idx, base, out);
+      return;
+    }
     AT_DISPATCH_FLOATING_TYPES(s.param.scalar_type(), "fused channel_candidates", [&] {
       channel_candidates_cpu<scalar_t>(
           s, st, vals.const_data_ptr<scalar_t>(), K, s.param.const_data_ptr<scalar_t>()[k],
@@ -122,7 +126,7 @@ class CpuBackend final : public Backend {
   }
 
   at::Tensor fresh_channel(const Sweep& s, int64_t o, const at::Tensor& idx) const override {
-    if (!layer_contiguous(s)) {
+    if (!layer_contiguous(s) || device_generic_paths()) {
       return Backend::fresh_channel(s, o, idx);
     }
     at::Tensor out = at::empty({idx.numel(), 1, s.ho, s.wo}, s.z.options());
@@ -134,7 +138,7 @@ class CpuBackend final : public Backend {
   }
 
   void refresh_channel(const Sweep& s, int64_t o) const override {
-    if (!layer_contiguous(s)) {
+    if (!layer_contiguous(s) || device_generic_paths()) {
       Backend::refresh_channel(s, o);
       return;
     }
@@ -183,7 +187,9 @@ class CpuBackend final : public Backend {
     return true;
   }
 
-  std::unique_ptr<Head> head(const Sweep& s) const override { return make_cpu_head(s); }
+  std::unique_ptr<Head> head(const Sweep& s) const override {
+    return device_generic_paths() ? nullptr : make_cpu_head(s);
+  }
 
   void set_weight(const Sweep& s, int64_t k, double value) const override {
     AT_DISPATCH_FLOATING_TYPES(s.param.scalar_type(), "fused_set_weight", [&] {

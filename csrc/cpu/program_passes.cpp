@@ -462,7 +462,7 @@ at::Tensor conv2d_one_channel(const Op& op, const at::Tensor& x) {
 }
 
 bool handles(const at::Tensor& x) {
-  return x.device().is_cpu() && x.is_contiguous() &&
+  return !device_generic_paths() && x.device().is_cpu() && x.is_contiguous() &&
          (x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble);
 }
 
