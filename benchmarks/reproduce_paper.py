@@ -81,6 +81,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="CPU rehearsal: embedded subset, B=64, 2 cycles, val 1000")
     p.add_argument("--tag", default=None, help="suffix of the result file name")
     p.add_argument("--out", default=None, help="JSON path (default benchmarks/results/...)")
+    p.add_argument("--max-seconds", type=float, default=None,
+                   help="stop cleanly after the first unit sweep that ends past this many wall "
+                        "seconds of training, keeping the cycles finished (a GPU lease's cap)")
     p.add_argument("--no-plot", action="store_true")
     p.add_argument("--progress", action="store_true", help="progress bars")
     p.add_argument("--from-run", default=None, metavar="RUN_DIR",
@@ -132,6 +135,11 @@ def train(args, splits: data.Splits) -> tuple[list[dict], str]:
     t0 = time.perf_counter()
     for st in rso.run(splits.train_x, splits.train_y, progress=args.progress):
         train_s += st.seconds
+        if (args.max_seconds is not None and not st.cycle_done
+                and time.perf_counter() - t0 > args.max_seconds):
+            print(f"--max-seconds {args.max_seconds:g}: stopped after {st.layer} of cycle "
+                  f"{st.cycle + 1}, {len(rows)} cycle(s) finished", flush=True)
+            break
         units.append(dict(layer=st.layer, weights=st.weights, accepted=st.accepted,
                           mean_loss=st.mean_loss, sigma=st.sigma, seconds=st.seconds))
         if not st.cycle_done:
@@ -255,6 +263,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     else:
         rows, backend_used = train(args, splits)
     base = baseline(args, splits) if args.baseline_cycles else []
+    if not rows:
+        raise SystemExit(f"error: no cycle finished within --max-seconds {args.max_seconds:g}; "
+                         "raise it or lower --batch-size")
 
     res: dict[str, Any] = dict(model=args.model, device=args.device, batch=args.batch_size,
                                cycles=args.cycles, backend=backend_used)
@@ -276,6 +287,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("note: --baseline-cycles 0: no torch-cached baseline, "
               "ratio_cycle_vs_torch_cached not measured", flush=True)
     res["quick"] = int(args.quick)
+    res["cycles_finished"] = len(rows)
 
     out = Path(args.out) if args.out else (
         ROOT / "benchmarks" / "results"
@@ -311,6 +323,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "backend_used": backend_used,
         "seed": args.seed,
         "quick": args.quick,
+        "max_seconds": args.max_seconds,
         "run_dir": os.path.relpath(args.from_run, ROOT) if args.from_run else None,
         "run_config": run_cfg,
         "seconds_note": "seconds: cumulative wall time incl. per-cycle BN calibration and "

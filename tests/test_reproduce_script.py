@@ -97,3 +97,29 @@ def test_from_run_reports_a_cli_run_folder(script, tmp_path, capsys, one_thread)
         script.main(["--from-run", str(tmp_path), "--out", str(out)])
     with pytest.raises(SystemExit, match="cannot go with --from-run"):
         script.main(["--from-run", str(run), "--baseline-cycles", "1", "--out", str(out)])
+
+
+def test_max_seconds_stops_cleanly_with_the_cycles_finished(script, tmp_path, capsys, one_thread):
+    common = ["--model", "tiny", "--data-root", "embedded", "--train-size", "150", "--val-size",
+              "50", "--batch-size", "25", "--cycles", "3", "--calib-size", "60", "--backend",
+              "torch", "--no-plot"]
+    out = tmp_path / "r.json"
+    # a clock that advances 0.1 s per reading makes the stop deterministic: the run stops
+    # before its last cycle ends and the JSON holds the cycles that finished
+    t = {"now": 0.0}
+    real = script.time.perf_counter
+
+    def fake_clock():
+        t["now"] += 0.1
+        return t["now"]
+    script.time.perf_counter = fake_clock
+    try:
+        assert script.main(common + ["--max-seconds", "3", "--out", str(out)]) == 0
+    finally:
+        script.time.perf_counter = real
+    doc = json.loads(out.read_text())
+    finished = doc["result"]["cycles_finished"]
+    assert doc["max_seconds"] == 3 and 1 <= finished < 3 and len(doc["rows"]) == finished
+    assert "--max-seconds 3: stopped after" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="no cycle finished within --max-seconds 0"):
+        script.main(common + ["--max-seconds", "0", "--out", str(tmp_path / "none.json")])
