@@ -214,6 +214,7 @@ def plot(rows: list[dict], path: Path, title: str) -> Path | None:
         ax.set(xlabel=xlabel, ylabel="accuracy (%)")
         ax.grid(alpha=0.3)
         ax.legend()
+    axes[0].xaxis.get_major_locator().set_params(integer=True)   # whole cycles
     fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
