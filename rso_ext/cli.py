@@ -12,8 +12,9 @@ from typing import Any, Sequence
 
 import torch
 
-from . import checkpoint, data, distributed, memory, metrics, models, runtime
+from . import checkpoint, data, distributed, memory, metrics, models, precision, runtime
 from .methods import METHODS, Method, from_config, method_help, takers
+from .precision import PRECISIONS
 from .rso import BACKENDS, RSO
 from .sweep import NonFiniteLossError
 from .streams import SAMPLERS
@@ -28,7 +29,8 @@ RESULT = "result.json"
 DEFAULTS = dict(model="paper_mnist", data="mnist", data_root=None, download=False, cycles=5,
                 batch_size=128, train_size=None, val_size=1000, normalize="mean",
                 sampler="shuffle", alpha=0.1, weight_decay=1e-4, sigma="he", sample_scale=1.0,
-                calib_size=2000, device="cpu", backend="auto", pool_size=None, seed=0, threads=None,
+                calib_size=2000, device="cpu", backend="auto", precision="exact", pool_size=None,
+                seed=0, threads=None,
                 method="rso", generations=None, population=None, noise=None, lr=None,
                 temperature=None, sparsity=None, params=None)
 
@@ -63,6 +65,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--backend", choices=BACKENDS, default=DEFAULTS["backend"],
                    help="fused: the compiled evaluation; torch: the pure-PyTorch reference; "
                         "auto: fused when the model can be lowered")
+    t.add_argument("--precision", choices=PRECISIONS, default=DEFAULTS["precision"],
+                   help="exact: float32 convolutions without TF32 on CUDA (the CPU's decisions); "
+                        "tf32: tensor cores on CUDA (faster, decisions within TF32's rounding); "
+                        "no effect on the CPU")
     t.add_argument("--pool-size", type=_positive_int, default=None,
                    help="search each unit on this many training samples drawn afresh "
                         "(bounds the caches' memory; default: the whole training set)")
@@ -181,14 +187,16 @@ def _count_lines(path: Path) -> int:
     return len(path.read_text().splitlines()) if path.exists() else 0
 
 
-def _evaluate(rso: RSO, splits: data.Splits) -> dict[str, float]:
-    rso.calibrate(splits.train_x)
-    out = {}
-    if len(splits.val_x):
-        v = metrics.evaluate(rso.model, splits.val_x, splits.val_y)
-        out.update(val_acc=v["acc"], val_loss=v["loss"])
-    t = metrics.evaluate(rso.model, splits.test_x, splits.test_y)
-    out.update(test_acc=t["acc"], test_loss=t["loss"])
+def _evaluate(rso: RSO, splits: data.Splits, mode: str = "exact") -> dict[str, float]:
+    """Validation and test metrics after recalibrating BatchNorm, under precision ``mode``."""
+    with precision.precision(mode):
+        rso.calibrate(splits.train_x)
+        out = {}
+        if len(splits.val_x):
+            v = metrics.evaluate(rso.model, splits.val_x, splits.val_y)
+            out.update(val_acc=v["acc"], val_loss=v["loss"])
+        t = metrics.evaluate(rso.model, splits.test_x, splits.test_y)
+        out.update(test_acc=t["acc"], test_loss=t["loss"])
     return out
 
 
@@ -284,11 +292,13 @@ def train(args: argparse.Namespace) -> int:
     # CPU seconds do not count time the process was stopped or waiting for another process
     t_start = time.perf_counter() - elapsed
     c_start = time.process_time() - cpu_elapsed
-    for stats in _stop_note(rso.run(splits.train_x, splits.train_y,
-                                    progress=writer and not args.no_progress), rso, run_dir):
+    mode = cfg.get("precision", "exact")       # runs made before the option were exact
+    for stats in _stop_note(precision.during(rso.run(splits.train_x, splits.train_y,
+                                                     progress=writer and not args.no_progress),
+                                             mode), rso, run_dir):
         records = [dict(type="sweep", **stats.as_dict())]
         if stats.cycle_done:
-            ev = _evaluate(rso, splits)
+            ev = _evaluate(rso, splits, mode)
             rec = dict(type="cycle", cycle=stats.cycle + 1,
                        seconds=time.perf_counter() - t_start,
                        cpu_seconds=time.process_time() - c_start, **ev)
@@ -305,7 +315,7 @@ def train(args: argparse.Namespace) -> int:
     result = dict(model=cfg["model"], method=cfg.get("method", "rso"), data=cfg["data"],
                   cycles=cfg["cycles"],
                   batch_size=cfg["batch_size"], train_size=len(splits.train_x),
-                  seconds=time.perf_counter() - t_start, **_evaluate(rso, splits))
+                  seconds=time.perf_counter() - t_start, **_evaluate(rso, splits, mode))
     if several:
         result["processes"] = distributed.world()[1]
     if writer:
@@ -343,7 +353,8 @@ def evaluate_run(args: argparse.Namespace) -> int:
     if found is None:
         raise checkpoint.CheckpointError(f"{run_dir} holds no checkpoint yet ({CKPT})")
     rso.load_state_dict(found[0]["rso"])
-    out = dict(cycle=rso.cycle, unit=rso.unit, **_evaluate(rso, splits))
+    out = dict(cycle=rso.cycle, unit=rso.unit,
+               **_evaluate(rso, splits, cfg.get("precision", "exact")))
     print(json.dumps(out, indent=2))
     return 0
 

@@ -22,6 +22,7 @@ from .data import check_data, from_dataset
 from .evaluate import make_evaluator
 from .fused import CacheStore, FusedSweeper, GraphPlan, Plan, PlanError, lower
 from .losses import Loss, check_loss, describe, is_cross_entropy, resolve
+from .precision import PRECISIONS, precision as precision_mode
 from .sweep import NonFiniteLossError, Sweeper, TorchSweeper
 from .streams import SAMPLERS, SweepStreams
 from .visit import Unit, check_supported, execution_order, visit_units
@@ -68,13 +69,17 @@ class RSO(Method):
             summed over the minibatch (:mod:`rso_ext.losses`); default: cross-entropy. The fused
             backend computes cross-entropy only: with another loss ``backend="auto"`` runs on
             torch (``backend_reason`` says so) and ``backend="fused"`` is refused.
+        precision: ``"exact"`` (float32 convolutions and matmuls without TF32 while sweeping,
+            so a GPU makes the CPU's decisions) or ``"tf32"`` (tensor cores on CUDA); nothing
+            changes on the CPU (:mod:`rso_ext.precision`).
     """
 
     method = "rso"
     summary = "random search: each weight tries {w', w'+d, w'-d} and keeps the lowest loss"
     kind = "per-weight"
     cli_options = {o: o for o in ("cycles", "batch_size", "calib_size", "alpha", "weight_decay",
-                                  "sampler", "sigma", "sample_scale", "backend", "pool_size")}
+                                  "sampler", "sigma", "sample_scale", "backend", "pool_size",
+                                  "precision")}
     #: candidates evaluated per visited weight (for the evaluation count)
     candidates = 3
 
@@ -84,7 +89,7 @@ class RSO(Method):
                  bn_sigma: float = schedule.BN_SIGMA, calib_size: int = 2000,
                  generator: Optional[torch.Generator] = None, backend: str = "auto",
                  pool_size: Optional[int] = None, memory_limit: Optional[int] = None,
-                 loss: Optional[Loss] = None) -> None:
+                 loss: Optional[Loss] = None, precision: str = "exact") -> None:
         check_model(model)
         check_types(cycles=(cycles, int), batch_size=(batch_size, int),
                     calib_size=(calib_size, int), alpha=(alpha, float),
@@ -108,6 +113,7 @@ class RSO(Method):
         if pool_size is not None and pool_size < batch_size:
             raise ValueError(f"pool_size={pool_size} must be at least batch_size={batch_size}")
         check_choice("backend", backend, BACKENDS)
+        check_choice("precision", precision, PRECISIONS)
         check_generator(generator)
         check_loss(loss)
         if backend == "fused" and not is_cross_entropy(loss):
@@ -131,6 +137,7 @@ class RSO(Method):
         self.plan: Optional[Union[Plan, GraphPlan]] = None
         self.backend_reason = ""
         self.memory_limit = memory_limit
+        self.precision = precision   # of cuDNN/cuBLAS float32 work while sweeping (CUDA only)
         self._footprint: Optional[tuple[torch.Size, list]] = None
         # fused: caches handed from a layer's unit to the next, and shallower layers' inputs
         self._caches = CacheStore(stash=pool_size is None)
@@ -215,7 +222,8 @@ class RSO(Method):
     def _advance(self, x: torch.Tensor, y: torch.Tensor, progress: bool) -> Stats:
         """Sweep the unit at the current position and move to the next."""
         assert self.units is not None and self.sigma0 is not None
-        stats = self._sweep(self.unit, x, y, progress)
+        with precision_mode(self.precision):
+            stats = self._sweep(self.unit, x, y, progress)
         self.unit += 1
         if self.unit == len(self.units):
             self.unit, self.cycle = 0, self.cycle + 1
@@ -241,7 +249,8 @@ class RSO(Method):
         if not 0 <= index < len(self.units):
             raise IndexError(f"unit index {index} out of range (the model has "
                              f"{len(self.units)} units)")
-        return self._sweep(index, x, y, progress, weights, sweeper)
+        with precision_mode(self.precision):
+            return self._sweep(index, x, y, progress, weights, sweeper)
 
     @torch.no_grad()
     def _sweep(self, index: int, x: torch.Tensor, y: torch.Tensor, progress: bool,
@@ -323,7 +332,8 @@ class RSO(Method):
         the model in eval mode, ready for evaluation."""
         x = x.to(self.device, self.param_dtype)
         self._prepare(x)
-        return batchnorm.calibrate(self.model, x[self.calib_idx.to(x.device)])
+        with precision_mode(self.precision):
+            return batchnorm.calibrate(self.model, x[self.calib_idx.to(x.device)])
 
     # -- checkpoints --------------------------------------------------------------------------
     def state_dict(self) -> Dict[str, Any]:
