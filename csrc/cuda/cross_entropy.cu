@@ -14,6 +14,7 @@ namespace cuda {
 namespace {
 
 constexpr int kCrossEntropyThreads = 256;
+constexpr int kSamplesPerBlock = 4 * kCrossEntropyThreads;
 constexpr int kTargetCheckThreads = 256;
 constexpr int kTargetCheckMaxBlocks = 1024;
 
@@ -25,29 +26,49 @@ void throw_if_launch_failed(const char* kernel_name) {
   }
 }
 
-// Block k sums the per-sample cross-entropies of candidate k. Thread t handles
-// samples t, t + kThreads, ... in order; the block then reduces the per-thread
-// partials with a fixed-shape CUB tree, so the result is bitwise reproducible.
+// Stage 1: block (c, k) sums the per-sample cross-entropies of candidate k over samples
+// [c * kSamplesPerBlock, (c + 1) * kSamplesPerBlock) into partial[k * gridDim.x + c]. Thread t
+// handles the chunk's samples t, t + kThreads, ... in order and the block reduces the per-thread
+// partials with a fixed-shape CUB tree, so every partial is bitwise reproducible.
 template <typename T, int kThreads>
 __global__ void __launch_bounds__(kThreads)
-    candidate_cross_entropy_sum_kernel(const T* __restrict__ logits,
-                                       const int64_t* __restrict__ target, int B, int C,
-                                       double* __restrict__ out) {
-  const int k = blockIdx.x;
+    cross_entropy_partials_kernel(const T* __restrict__ logits,
+                                  const int64_t* __restrict__ target, int B, int C,
+                                  double* __restrict__ partial) {
+  const int k = blockIdx.y;
+  const int b0 = blockIdx.x * kSamplesPerBlock;
+  const int b1 = min(B, b0 + kSamplesPerBlock);
   const T* candidate = logits + static_cast<int64_t>(k) * B * C;
 
-  double partial = 0.0;
-  for (int b = threadIdx.x; b < B; b += kThreads) {
+  double sum = 0.0;
+  for (int b = b0 + threadIdx.x; b < b1; b += kThreads) {
     const int64_t t = target[b];
-    partial += (t >= 0 && t < C)
-                   ? math::sample_cross_entropy(candidate + static_cast<int64_t>(b) * C,
-                                                C, t)
-                   : static_cast<double>(NAN);
+    sum += (t >= 0 && t < C)
+               ? math::sample_cross_entropy(candidate + static_cast<int64_t>(b) * C, C, t)
+               : static_cast<double>(NAN);
   }
 
   using BlockReduce = cub::BlockReduce<double, kThreads>;
   __shared__ typename BlockReduce::TempStorage temp_storage;
-  const double total = BlockReduce(temp_storage).Sum(partial);
+  const double total = BlockReduce(temp_storage).Sum(sum);
+  if (threadIdx.x == 0) {
+    partial[static_cast<int64_t>(k) * gridDim.x + blockIdx.x] = total;
+  }
+}
+
+// Stage 2: block k adds candidate k's `chunks` partials in the same fixed order.
+template <int kThreads>
+__global__ void __launch_bounds__(kThreads)
+    sum_partials_kernel(const double* __restrict__ partial, int chunks,
+                        double* __restrict__ out) {
+  const int k = blockIdx.x;
+  double sum = 0.0;
+  for (int c = threadIdx.x; c < chunks; c += kThreads) {
+    sum += partial[static_cast<int64_t>(k) * chunks + c];
+  }
+  using BlockReduce = cub::BlockReduce<double, kThreads>;
+  __shared__ typename BlockReduce::TempStorage temp_storage;
+  const double total = BlockReduce(temp_storage).Sum(sum);
   if (threadIdx.x == 0) {
     out[k] = total;
   }
@@ -65,29 +86,43 @@ __global__ void find_first_invalid_target_kernel(const int64_t* __restrict__ tar
   }
 }
 
+int chunks_of(int B) { return (B + kSamplesPerBlock - 1) / kSamplesPerBlock; }
+
 template <typename T>
 void launch_candidate_cross_entropy(const T* logits, const int64_t* target, int K, int B,
-                                    int C, double* out, cudaStream_t stream) {
+                                    int C, double* out, double* scratch, cudaStream_t stream) {
   if (K <= 0) {
     return;
   }
-  candidate_cross_entropy_sum_kernel<T, kCrossEntropyThreads>
-      <<<K, kCrossEntropyThreads, 0, stream>>>(logits, target, B, C, out);
-  throw_if_launch_failed("candidate_cross_entropy_sum_kernel");
+  const int chunks = chunks_of(B);
+  if (chunks <= 1) {  // one block per candidate: its partial is the sum
+    cross_entropy_partials_kernel<T, kCrossEntropyThreads>
+        <<<dim3(1, K), kCrossEntropyThreads, 0, stream>>>(logits, target, B, C, out);
+    throw_if_launch_failed("cross_entropy_partials_kernel");
+    return;
+  }
+  cross_entropy_partials_kernel<T, kCrossEntropyThreads>
+      <<<dim3(chunks, K), kCrossEntropyThreads, 0, stream>>>(logits, target, B, C, scratch);
+  throw_if_launch_failed("cross_entropy_partials_kernel");
+  sum_partials_kernel<kCrossEntropyThreads>
+      <<<K, kCrossEntropyThreads, 0, stream>>>(scratch, chunks, out);
+  throw_if_launch_failed("sum_partials_kernel");
 }
 
 }  // namespace
 
+int candidate_cross_entropy_scratch(int K, int B) { return K * chunks_of(B); }
+
 void launch_candidate_cross_entropy_f32(const float* logits, const int64_t* target,
-                                        int K, int B, int C, double* out,
+                                        int K, int B, int C, double* out, double* scratch,
                                         cudaStream_t stream) {
-  launch_candidate_cross_entropy<float>(logits, target, K, B, C, out, stream);
+  launch_candidate_cross_entropy<float>(logits, target, K, B, C, out, scratch, stream);
 }
 
 void launch_candidate_cross_entropy_f64(const double* logits, const int64_t* target,
-                                        int K, int B, int C, double* out,
+                                        int K, int B, int C, double* out, double* scratch,
                                         cudaStream_t stream) {
-  launch_candidate_cross_entropy<double>(logits, target, K, B, C, out, stream);
+  launch_candidate_cross_entropy<double>(logits, target, K, B, C, out, scratch, stream);
 }
 
 void launch_find_first_invalid_target(const int64_t* target, int B, int C,

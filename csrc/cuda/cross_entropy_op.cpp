@@ -43,14 +43,17 @@ at::Tensor candidate_cross_entropy_cuda(const at::Tensor& logits_in,
                                          first_invalid.mutable_data_ptr<int>(), stream);
 
   at::Tensor out = at::empty({K}, logits.options().dtype(at::kDouble));
+  at::Tensor scratch = at::empty({cuda::candidate_cross_entropy_scratch(K, B)}, out.options());
   if (logits.scalar_type() == at::kFloat) {
     cuda::launch_candidate_cross_entropy_f32(logits.const_data_ptr<float>(),
                                              target.const_data_ptr<int64_t>(), K, B, C,
-                                             out.mutable_data_ptr<double>(), stream);
+                                             out.mutable_data_ptr<double>(),
+                                             scratch.mutable_data_ptr<double>(), stream);
   } else {
     cuda::launch_candidate_cross_entropy_f64(logits.const_data_ptr<double>(),
                                              target.const_data_ptr<int64_t>(), K, B, C,
-                                             out.mutable_data_ptr<double>(), stream);
+                                             out.mutable_data_ptr<double>(),
+                                             scratch.mutable_data_ptr<double>(), stream);
   }
 
   const int bad = first_invalid.item<int>();  // synchronises with the stream

@@ -145,17 +145,20 @@ class CudaBackend final : public Backend {
     const int B = checked_int(logits.size(1), "B (minibatch size)");
     const int C = checked_int(logits.size(2), "C (classes)");
     at::Tensor out = at::empty({K}, logits.options().dtype(at::kDouble));
+    at::Tensor scratch = at::empty({cuda::candidate_cross_entropy_scratch(K, B)}, out.options());
     cudaStream_t stream = at::cuda::getCurrentCUDAStream();
     if (logits.scalar_type() == at::kFloat) {
       cuda::launch_candidate_cross_entropy_f32(logits.const_data_ptr<float>(),
                                                target.const_data_ptr<int64_t>(), K, B, C,
-                                               out.mutable_data_ptr<double>(), stream);
+                                               out.mutable_data_ptr<double>(),
+                                               scratch.mutable_data_ptr<double>(), stream);
     } else {
       TORCH_CHECK(logits.scalar_type() == at::kDouble, "fused: logits must be float32 or "
                   "float64, got ", logits.scalar_type());
       cuda::launch_candidate_cross_entropy_f64(logits.const_data_ptr<double>(),
                                                target.const_data_ptr<int64_t>(), K, B, C,
-                                               out.mutable_data_ptr<double>(), stream);
+                                               out.mutable_data_ptr<double>(),
+                                               scratch.mutable_data_ptr<double>(), stream);
     }
     return out;
   }

@@ -15,14 +15,17 @@ namespace cuda {
 
 // out[k] = sum_b ( logsumexp(logits[k, b, :]) - logits[k, b, target[b]] ), k < K,
 // accumulated in double. `logits` is contiguous [K, B, C], `target` contiguous [B],
-// `out` has K doubles. Deterministic: one block per k, a fixed per-thread order and
-// a fixed-shape block reduction. A target outside [0, C) yields NaN for every k
-// (and is never used as an index); validate with launch_find_first_invalid_target.
+// `out` has K doubles, `scratch` candidate_cross_entropy_scratch(K, B) doubles on the device.
+// K x ceil(B / 1024) blocks each sum a chunk of samples, then one block per k adds its chunks:
+// deterministic (fixed per-thread orders, fixed-shape block reductions, fixed chunks). A
+// target outside [0, C) yields NaN for every k (and is never used as an index); validate with
+// launch_find_first_invalid_target.
+int candidate_cross_entropy_scratch(int K, int B);
 void launch_candidate_cross_entropy_f32(const float* logits, const int64_t* target,
-                                        int K, int B, int C, double* out,
+                                        int K, int B, int C, double* out, double* scratch,
                                         cudaStream_t stream);
 void launch_candidate_cross_entropy_f64(const double* logits, const int64_t* target,
-                                        int K, int B, int C, double* out,
+                                        int K, int B, int C, double* out, double* scratch,
                                         cudaStream_t stream);
 
 // *first_invalid = min(*first_invalid, smallest b with target[b] outside [0, C)).
@@ -70,9 +73,9 @@ void launch_move_channel(const ChannelSite& site, double* z, const double* x,
 
 // The swept layer gives the logits z [N, C] and only logit o moves, to cand[k * B + b]:
 // out[k] = sum_b cross_entropy(z[idx[b]] with logit o = cand[k * B + b], target[idx[b]]),
-// in double. Deterministic (one block per k, fixed order and reduction tree, as
-// launch_candidate_cross_entropy_*). A label outside [0, C) yields NaN and is never used as
-// an index.
+// in double. Deterministic (one block per k, a fixed order and reduction tree; not yet split
+// into chunks of samples as launch_candidate_cross_entropy_* is). A label outside [0, C)
+// yields NaN and is never used as an index.
 void launch_logits_layer_losses(const float* z, const int64_t* target, int64_t C, int64_t o,
                                 const float* cand, int K, const int64_t* idx, int B,
                                 double* out, cudaStream_t stream);
