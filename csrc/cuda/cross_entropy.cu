@@ -14,7 +14,6 @@ namespace cuda {
 namespace {
 
 constexpr int kCrossEntropyThreads = 256;
-constexpr int kSamplesPerBlock = 4 * kCrossEntropyThreads;
 constexpr int kTargetCheckThreads = 256;
 constexpr int kTargetCheckMaxBlocks = 1024;
 
@@ -27,7 +26,7 @@ void throw_if_launch_failed(const char* kernel_name) {
 }
 
 // Stage 1: block (c, k) sums the per-sample cross-entropies of candidate k over samples
-// [c * kSamplesPerBlock, (c + 1) * kSamplesPerBlock) into partial[k * gridDim.x + c]. Thread t
+// [c * kLossChunk, (c + 1) * kLossChunk) into partial[k * gridDim.x + c]. Thread t
 // handles the chunk's samples t, t + kThreads, ... in order and the block reduces the per-thread
 // partials with a fixed-shape CUB tree, so every partial is bitwise reproducible.
 template <typename T, int kThreads>
@@ -36,8 +35,8 @@ __global__ void __launch_bounds__(kThreads)
                                   const int64_t* __restrict__ target, int B, int C,
                                   double* __restrict__ partial) {
   const int k = blockIdx.y;
-  const int b0 = blockIdx.x * kSamplesPerBlock;
-  const int b1 = min(B, b0 + kSamplesPerBlock);
+  const int b0 = blockIdx.x * kLossChunk;
+  const int b1 = min(B, b0 + kLossChunk);
   const T* candidate = logits + static_cast<int64_t>(k) * B * C;
 
   double sum = 0.0;
@@ -86,15 +85,13 @@ __global__ void find_first_invalid_target_kernel(const int64_t* __restrict__ tar
   }
 }
 
-int chunks_of(int B) { return (B + kSamplesPerBlock - 1) / kSamplesPerBlock; }
-
 template <typename T>
 void launch_candidate_cross_entropy(const T* logits, const int64_t* target, int K, int B,
                                     int C, double* out, double* scratch, cudaStream_t stream) {
   if (K <= 0) {
     return;
   }
-  const int chunks = chunks_of(B);
+  const int chunks = loss_chunks(B);
   if (chunks <= 1) {  // one block per candidate: its partial is the sum
     cross_entropy_partials_kernel<T, kCrossEntropyThreads>
         <<<dim3(1, K), kCrossEntropyThreads, 0, stream>>>(logits, target, B, C, out);
@@ -104,14 +101,22 @@ void launch_candidate_cross_entropy(const T* logits, const int64_t* target, int 
   cross_entropy_partials_kernel<T, kCrossEntropyThreads>
       <<<dim3(chunks, K), kCrossEntropyThreads, 0, stream>>>(logits, target, B, C, scratch);
   throw_if_launch_failed("cross_entropy_partials_kernel");
-  sum_partials_kernel<kCrossEntropyThreads>
-      <<<K, kCrossEntropyThreads, 0, stream>>>(scratch, chunks, out);
-  throw_if_launch_failed("sum_partials_kernel");
+  launch_sum_loss_chunks(scratch, K, chunks, out, stream);
 }
 
 }  // namespace
 
-int candidate_cross_entropy_scratch(int K, int B) { return K * chunks_of(B); }
+int candidate_cross_entropy_scratch(int K, int B) { return K * loss_chunks(B); }
+
+void launch_sum_loss_chunks(const double* partial, int K, int chunks, double* out,
+                            cudaStream_t stream) {
+  if (K <= 0) {
+    return;
+  }
+  sum_partials_kernel<kCrossEntropyThreads><<<K, kCrossEntropyThreads, 0, stream>>>(
+      partial, chunks, out);
+  throw_if_launch_failed("sum_partials_kernel");
+}
 
 void launch_candidate_cross_entropy_f32(const float* logits, const int64_t* target,
                                         int K, int B, int C, double* out, double* scratch,

@@ -112,17 +112,19 @@ __global__ void move_channel_kernel(ChannelSite s, T* __restrict__ z, const T* _
   }
 }
 
-// Block k sums candidate k's per-sample losses: thread t takes samples t, t + kThreads, ...
-// in order, then a fixed-shape CUB tree reduces the partials (bitwise reproducible).
+// Block (c, k) sums candidate k's per-sample losses over samples [c * kLossChunk,
+// (c + 1) * kLossChunk) into partial[k * gridDim.x + c]: thread t takes the chunk's samples t,
+// t + kThreads, ... in order, then a fixed-shape CUB tree reduces them (bitwise reproducible).
 template <typename T, int kThreads>
 __global__ void __launch_bounds__(kThreads)
     logits_layer_losses_kernel(const T* __restrict__ z, const int64_t* __restrict__ target,
                                int64_t C, int64_t o, const T* __restrict__ cand,
                                const int64_t* __restrict__ idx, int B,
                                double* __restrict__ out) {
-  const int k = blockIdx.x;
+  const int k = blockIdx.y;
+  const int b1 = min(B, static_cast<int>(blockIdx.x + 1) * kLossChunk);
   double partial = 0.0;
-  for (int b = threadIdx.x; b < B; b += kThreads) {
+  for (int b = blockIdx.x * kLossChunk + threadIdx.x; b < b1; b += kThreads) {
     const int64_t n = idx[b];
     const T* row = z + n * C;
     const int64_t y = target[n];
@@ -136,7 +138,7 @@ __global__ void __launch_bounds__(kThreads)
   __shared__ typename BlockReduce::TempStorage temp_storage;
   const double total = BlockReduce(temp_storage).Sum(partial);
   if (threadIdx.x == 0) {
-    out[k] = total;
+    out[static_cast<int64_t>(k) * gridDim.x + blockIdx.x] = total;
   }
 }
 
@@ -200,13 +202,18 @@ void move_channel(const ChannelSite& site, T* z, const T* x, const T* delta,
 
 template <typename T>
 void logits_layer_losses(const T* z, const int64_t* target, int64_t C, int64_t o, const T* cand,
-                         int K, const int64_t* idx, int B, double* out, cudaStream_t stream) {
+                         int K, const int64_t* idx, int B, double* out, double* scratch,
+                         cudaStream_t stream) {
   if (K <= 0) {
     return;
   }
-  logits_layer_losses_kernel<T, kLossThreads>
-      <<<K, kLossThreads, 0, stream>>>(z, target, C, o, cand, idx, B, out);
+  const int chunks = loss_chunks(B);
+  logits_layer_losses_kernel<T, kLossThreads><<<dim3(chunks, K), kLossThreads, 0, stream>>>(
+      z, target, C, o, cand, idx, B, chunks > 1 ? scratch : out);
   throw_if_launch_failed("logits_layer_losses_kernel");
+  if (chunks > 1) {
+    launch_sum_loss_chunks(scratch, K, chunks, out, stream);
+  }
 }
 
 template <typename T>
@@ -247,13 +254,13 @@ void launch_move_channel(const ChannelSite& site, double* z, const double* x,
 
 void launch_logits_layer_losses(const float* z, const int64_t* target, int64_t C, int64_t o,
                                 const float* cand, int K, const int64_t* idx, int B,
-                                double* out, cudaStream_t stream) {
-  logits_layer_losses<float>(z, target, C, o, cand, K, idx, B, out, stream);
+                                double* out, double* scratch, cudaStream_t stream) {
+  logits_layer_losses<float>(z, target, C, o, cand, K, idx, B, out, scratch, stream);
 }
 void launch_logits_layer_losses(const double* z, const int64_t* target, int64_t C, int64_t o,
                                 const double* cand, int K, const int64_t* idx, int B,
-                                double* out, cudaStream_t stream) {
-  logits_layer_losses<double>(z, target, C, o, cand, K, idx, B, out, stream);
+                                double* out, double* scratch, cudaStream_t stream) {
+  logits_layer_losses<double>(z, target, C, o, cand, K, idx, B, out, scratch, stream);
 }
 
 void launch_choose_and_write(const double* losses, int64_t K, const float* vals, float* entry,

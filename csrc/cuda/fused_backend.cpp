@@ -124,13 +124,16 @@ class CudaBackend final : public Backend {
     at::Tensor out = at::empty({K}, s.z.options().dtype(at::kDouble));
     const int k_int = checked_int(K, "K (candidates)");
     const int b_int = checked_int(idx.numel(), "B (minibatch size)");
+    at::Tensor scratch =
+        at::empty({cuda::candidate_cross_entropy_scratch(k_int, b_int)}, out.options());
     cudaStream_t stream = at::cuda::getCurrentCUDAStream();
     dispatch_float(s.param.scalar_type(), [&](auto zero) {
       using T = decltype(zero);
       cuda::launch_logits_layer_losses(s.z.const_data_ptr<T>(), s.target.const_data_ptr<int64_t>(),
                                        s.cout, o, cand.const_data_ptr<T>(), k_int,
                                        idx.const_data_ptr<int64_t>(), b_int,
-                                       out.mutable_data_ptr<double>(), stream);
+                                       out.mutable_data_ptr<double>(),
+                                       scratch.mutable_data_ptr<double>(), stream);
     });
     return out;
   }

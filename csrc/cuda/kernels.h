@@ -21,6 +21,13 @@ namespace cuda {
 // target outside [0, C) yields NaN for every k (and is never used as an index); validate with
 // launch_find_first_invalid_target.
 int candidate_cross_entropy_scratch(int K, int B);
+
+// The loss kernels' chunking: a block sums kLossChunk samples of one candidate into
+// partial[k * chunks + c]; launch_sum_loss_chunks adds candidate k's chunks in a fixed order.
+constexpr int kLossChunk = 1024;
+inline int loss_chunks(int B) { return (B + kLossChunk - 1) / kLossChunk; }
+void launch_sum_loss_chunks(const double* partial, int K, int chunks, double* out,
+                            cudaStream_t stream);
 void launch_candidate_cross_entropy_f32(const float* logits, const int64_t* target,
                                         int K, int B, int C, double* out, double* scratch,
                                         cudaStream_t stream);
@@ -73,15 +80,15 @@ void launch_move_channel(const ChannelSite& site, double* z, const double* x,
 
 // The swept layer gives the logits z [N, C] and only logit o moves, to cand[k * B + b]:
 // out[k] = sum_b cross_entropy(z[idx[b]] with logit o = cand[k * B + b], target[idx[b]]),
-// in double. Deterministic (one block per k, a fixed order and reduction tree; not yet split
-// into chunks of samples as launch_candidate_cross_entropy_* is). A label outside [0, C)
-// yields NaN and is never used as an index.
+// in double. Deterministic, chunked as launch_candidate_cross_entropy_* (`scratch`:
+// candidate_cross_entropy_scratch(K, B) doubles). A label outside [0, C) yields NaN and is
+// never used as an index.
 void launch_logits_layer_losses(const float* z, const int64_t* target, int64_t C, int64_t o,
                                 const float* cand, int K, const int64_t* idx, int B,
-                                double* out, cudaStream_t stream);
+                                double* out, double* scratch, cudaStream_t stream);
 void launch_logits_layer_losses(const double* z, const int64_t* target, int64_t C, int64_t o,
                                 const double* cand, int K, const int64_t* idx, int B,
-                                double* out, cudaStream_t stream);
+                                double* out, double* scratch, cudaStream_t stream);
 
 // One sweep step on the device (a single thread). Unless *stopped: copies the K losses to
 // losses_out, writes the decision (math::sweep_decision) to *chosen and, for a candidate j,
