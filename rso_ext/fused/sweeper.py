@@ -65,6 +65,14 @@ def fused_sweep_estimate(trace: Sequence[ModuleFootprint], owner_module: nn.Modu
                    f"{states}")
 
 
+def _staged(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Host tensor ``t`` on ``device``: through pinned memory and an asynchronous copy on CUDA
+    (a pageable copy would wait for the GPU), as is on the CPU."""
+    if device.type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
+
+
 def _snapshot(modules) -> list[torch.Tensor]:
     return [t.detach().clone() for m in modules for t in (*m.parameters(), *m.buffers())]
 
@@ -295,11 +303,12 @@ class FusedSweeper:
         dev = self.x.device
         for a in range(k0, k1, step):
             b = min(k1, a + step)
-            values = candidate_values(param.view(-1)[a:b], streams.deltas[a:b].to(dev), decay)
+            values = candidate_values(param.view(-1)[a:b], _staged(streams.deltas[a:b], dev),
+                                      decay)
             chosen, losses = ops.fused_sweep(
                 self.x, self.z, param, self.y, self.prog.program, unit_kind=self.prog.unit_kind,
                 unit_op=self.prog.unit_op, k0=a, values=values,
-                batches=streams.batches(a, b).to(dev))
+                batches=_staged(streams.batches(a, b), dev))
             if int(chosen.min()) < 0:      # -1: a non-finite state stopped the call
                 i = int((chosen == -1).nonzero()[0])
                 param.view(-1)[a + i] = values[i, 0]
