@@ -257,7 +257,7 @@ namespace {
 
 // The K summed float64 losses of weight k with candidate values `values` [K] on the
 // minibatch `idx` [B]. Reads the caches, changes nothing. `left_out`, when defined, is
-// left_out_state(s, o, idx) for the weight's neuron o (per_neuron_pays).
+// left_out_state(s, o, idx) for the weight's neuron o (per_neuron_applies).
 at::Tensor evaluate(const Backend& be, const Sweep& s, int64_t k, const at::Tensor& values,
                     const at::Tensor& idx, const at::Tensor& left_out = at::Tensor()) {
   const Site st = site_of(s, k);
@@ -287,42 +287,43 @@ at::Tensor evaluate(const Backend& be, const Sweep& s, int64_t k, const at::Tens
   }
   const at::Tensor target_b = s.target.index_select(0, idx);
   const int64_t chain_end = prog.next < 0 ? n_ops : prog.next;
-  if (left_out.defined()) {  // the other channels' share of the next layer is known
-    at::Tensor a_o = zo;
-    for (int64_t i = 1; i < chain_end; ++i) {
-      a_o = apply_single(prog.ops[i], a_o, st.o, K, at::Tensor(), at::Tensor());
+  // Without a per-neuron state: the shared state z[idx] (channel o recomputed in a lazy
+  // sweep) and its channel o, whose chain the candidates' chains are taken against.
+  at::Tensor zb, cur_o;
+  if (!left_out.defined()) {
+    zb = s.z.index_select(0, idx);
+    if (fresh_o.defined()) {
+      zb.narrow(1, st.o, 1).copy_(fresh_o);
     }
-    const at::Tensor h = mixing_single_add(prog.ops[prog.next], left_out, a_o, st.o, K);
-    const at::Tensor logits = run_dense(prog, prog.next + 1, n_ops, h, K).reshape({K, B, -1});
-    TORCH_CHECK(logits.size(2) == s.classes, "fused: the program produced logits of shape ",
-                logits.sizes(), ", expected [K, B, ", s.classes, "]");
-    return be.cross_entropy(s, logits, target_b);
-  }
-  const at::Tensor zb = s.z.index_select(0, idx);
-  if (fresh_o.defined()) {
-    zb.narrow(1, st.o, 1).copy_(fresh_o);
+    cur_o = zb.narrow(1, st.o, 1);
   }
   at::Tensor a_o = zo;
-  at::Tensor cur_o = zb.narrow(1, st.o, 1);
   for (int64_t i = 1; i < chain_end; ++i) {
     const Op& op = prog.ops[i];
     const bool swept = i == s.unit_op && !channel_moves;
     a_o = apply_single(op, a_o, st.o, K, swept && s.kind == UnitKind::Gamma ? vals : at::Tensor(),
                        swept && s.kind == UnitKind::Beta ? vals : at::Tensor());
-    cur_o = apply_single(op, cur_o, st.o, 1, at::Tensor(), at::Tensor());
+    if (cur_o.defined()) {
+      cur_o = apply_single(op, cur_o, st.o, 1, at::Tensor(), at::Tensor());
+    }
   }
-  const at::Tensor d_a = (a_o.reshape({K, B, -1}) - cur_o.reshape({1, B, -1}));  // [K, B, w]
-  const at::Tensor a_cur = run_dense(prog, 1, chain_end, zb, 1);  // overwrites zb
   at::Tensor logits;
-  if (prog.next < 0) {  // channel-local ops up to the logits
-    const int64_t width = d_a.size(2);
-    logits = a_cur.reshape({1, B, -1}).repeat({K, 1, 1});
-    logits.narrow(2, st.o * width, width).add_(d_a);
-  } else {
-    const Op& mix = prog.ops[prog.next];
-    const at::Tensor base = apply_dense(mix, a_cur, 1);                  // [B, Cn, ...]
-    const at::Tensor h = mixing_single_add(mix, base, d_a.reshape(a_o.sizes()), st.o, K);
+  if (left_out.defined()) {  // the other channels' share of the next layer is known
+    const at::Tensor h = mixing_single_add(prog.ops[prog.next], left_out, a_o, st.o, K);
     logits = run_dense(prog, prog.next + 1, n_ops, h, K).reshape({K, B, -1});
+  } else {
+    const at::Tensor d_a = a_o.reshape({K, B, -1}) - cur_o.reshape({1, B, -1});  // [K, B, w]
+    const at::Tensor a_cur = run_dense(prog, 1, chain_end, zb, 1);  // overwrites zb
+    if (prog.next < 0) {  // channel-local ops up to the logits
+      const int64_t width = d_a.size(2);
+      logits = a_cur.reshape({1, B, -1}).repeat({K, 1, 1});
+      logits.narrow(2, st.o * width, width).add_(d_a);
+    } else {
+      const Op& mix = prog.ops[prog.next];
+      const at::Tensor base = apply_dense(mix, a_cur, 1);  // [B, Cn, ...]
+      const at::Tensor h = mixing_single_add(mix, base, d_a.reshape(a_o.sizes()), st.o, K);
+      logits = run_dense(prog, prog.next + 1, n_ops, h, K).reshape({K, B, -1});
+    }
   }
   // The CUDA backend checks the labels against s.classes up front: keep the shape walk
   // honest on every backend (a host-side check, no read-back).
@@ -481,10 +482,11 @@ std::tuple<at::Tensor, at::Tensor> sweep(
     }
     const at::Tensor l = evaluate(be, lazy, k, row, idx[i], left_out);
     const bool go_on = be.step(lazy, call, i, k, l, row);
-    if (lazy.lazy_z && (!go_on || i == m - 1 || site_of(s, k + 1).o != o)) {
+    const bool neuron_ends = i == m - 1 || site_of(s, k + 1).o != o;
+    if (lazy.lazy_z && (!go_on || neuron_ends)) {
       be.refresh_channel(lazy, o);
     }
-    if (i + 1 < m && site_of(s, k + 1).o != o) {
+    if (neuron_ends) {
       states.clear();
       state_bytes = 0;
     }
