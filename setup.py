@@ -44,6 +44,25 @@ def _want_cuda():
     return available
 
 
+class _BuildExtension(BuildExtension):
+    """torch's BuildExtension, with libstdc++ always linked as a shared library.
+
+    Some standalone Python builds name ``-static-libstdc++`` in the link command they hand to
+    extensions (sysconfig's LDSHARED, or LDFLAGS). The extension then carries a copy of
+    libstdc++ of its own beside the one libtorch loads, and the first number it formats into
+    a stream (every error message that names a value) crashes the process: seen on a GPU machine
+    whose torch lives in such a Python (benchmarks/GPU.md). libtorch links libstdc++ shared,
+    so the extension must too.
+    """
+
+    def build_extensions(self):
+        for attr in ("linker_so", "linker_so_cxx", "linker_exe", "linker_exe_cxx"):
+            cmd = getattr(self.compiler, attr, None)
+            if cmd:
+                setattr(self.compiler, attr, [a for a in cmd if a != "-static-libstdc++"])
+        super().build_extensions()
+
+
 def _extension():
     cpu_sources = ["csrc/ops.cpp"] + _rel(
         glob.glob(os.path.join(ROOT, "csrc", "core", "*.cpp"))
@@ -81,7 +100,7 @@ setup(
     include_package_data=True,
     package_data={"rso_ext": ["datasets/**/*"]},
     ext_modules=[_extension()],
-    cmdclass={"build_ext": BuildExtension},
+    cmdclass={"build_ext": _BuildExtension},
     python_requires=">=3.9",
     # torch stays unpinned here: a GPU machine brings its own CUDA build. README pins the CPU wheel.
     install_requires=["torch>=2.1", "numpy", "tqdm"],

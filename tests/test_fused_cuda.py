@@ -193,11 +193,20 @@ def test_sweeps_keep_z_exact_and_agree_with_cpu(unit_name):
     (c_cpu, l_cpu, p_cpu, z_cpu, _), (c_gpu, l_gpu, p_gpu, z_gpu, z_fresh) = _sweep_both(
         tiny_net(seed=5, bias=True), x, y, unit_name)
     assert (c_gpu >= 0).all()
-    assert torch.equal(c_gpu, c_cpu)
     torch.testing.assert_close(l_gpu, l_cpu, rtol=RTOL, atol=1e-7)
-    torch.testing.assert_close(p_gpu, p_cpu, rtol=0, atol=0)  # same values written
     torch.testing.assert_close(z_gpu, z_fresh, rtol=1e-5, atol=1e-5)   # Z_d exact on CUDA
-    torch.testing.assert_close(z_gpu, z_cpu, rtol=1e-6, atol=1e-6)
+    # The two devices may pick differently only between losses equal to rounding: conv2.bias
+    # sits before BatchNorm, which removes it, so its three candidates tie (the H200 picked
+    # w - d where the CPU kept w, 2026-12-04).
+    rows = torch.arange(len(c_cpu))
+    picked = l_cpu[rows, c_cpu]
+    assert ((l_cpu[rows, c_gpu] - picked).abs() <= RTOL * picked.abs() + 1e-7).all(), (
+        c_gpu, c_cpu, l_cpu)
+    if torch.equal(c_gpu, c_cpu):
+        torch.testing.assert_close(p_gpu, p_cpu, rtol=0, atol=0)  # same values written
+        torch.testing.assert_close(z_gpu, z_cpu, rtol=1e-6, atol=1e-6)
+    else:
+        assert unit_name == "conv2.bias", "only the unit BatchNorm cancels has tied candidates"
 
 
 def _gpu_sweeper(unit_name="conv2.weight", n=30):

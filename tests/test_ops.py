@@ -1,6 +1,9 @@
 """Tests of the compiled operators in rso_ext._C (through rso_ext.ops)."""
 
 import math
+import subprocess
+import sys
+import textwrap
 
 import pytest
 import torch
@@ -30,6 +33,32 @@ def _assert_close(actual, expected, rtol=1e-12):
     assert actual.dtype == torch.float64
     assert actual.shape == expected.shape
     torch.testing.assert_close(actual, expected, rtol=rtol, atol=1e-12)
+
+
+# --- the built extension ----------------------------------------------------------
+
+
+@pytest.mark.build
+def test_an_error_that_formats_numbers_does_not_crash_the_process():
+    # A libstdc++ linked statically into _C (a Python whose link command says
+    # -static-libstdc++) segfaults the first time an error message formats a number; run it in a
+    # child so that such a build fails this test with a message instead of ending the session.
+    child = textwrap.dedent("""
+        import torch
+        from rso_ext import ops
+        target = torch.zeros(600, dtype=torch.long)
+        target[417] = 5
+        try:
+            ops.candidate_cross_entropy(torch.zeros(2, 600, 3), target)
+        except RuntimeError as e:
+            print(e)
+    """)
+    proc = subprocess.run([sys.executable, "-c", child], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, (
+        f"formatting an error message crashed the process (exit status {proc.returncode}); is "
+        f"libstdc++ linked into rso_ext._C statically? (setup.py)\n{proc.stderr[-2000:]}")
+    assert "with C = 3, got target[417] = 5" in proc.stdout
 
 
 # --- values ------------------------------------------------------------------------
