@@ -14,6 +14,7 @@ architectures (torch's default otherwise: those of the visible GPUs, or all).
 
 import glob
 import os
+import subprocess
 
 import torch
 from setuptools import find_packages, setup
@@ -44,23 +45,40 @@ def _want_cuda():
     return available
 
 
-class _BuildExtension(BuildExtension):
-    """torch's BuildExtension, with libstdc++ always linked as a shared library.
+def _needs_shared_libstdcxx(path):
+    """Whether the shared object ``path`` loads libstdc++ as a shared library (None when
+    readelf is not there to tell)."""
+    try:
+        out = subprocess.run(["readelf", "-d", path], capture_output=True, text=True,
+                             timeout=60).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return "libstdc++.so" in out
 
-    Some standalone Python builds name ``-static-libstdc++`` in the link command they hand to
-    extensions (sysconfig's LDSHARED, or LDFLAGS). The extension then carries a copy of
-    libstdc++ of its own beside the one libtorch loads, and the first number it formats into
-    a stream (every error message that names a value) crashes the process: seen on a GPU machine
-    whose torch lives in such a Python (benchmarks/GPU.md). libtorch links libstdc++ shared,
-    so the extension must too.
+
+class _BuildExtension(BuildExtension):
+    """torch's BuildExtension, refusing an extension with libstdc++ linked in statically.
+
+    A static copy of libstdc++ inside rso_ext._C, beside the shared one libtorch loads, breaks
+    the streams that format error messages: the process crashed at the first number (seen on a
+    GPU machine whose $CXX named a toolchain that linked its libstdc++ statically, 2026-12-04),
+    or the numbers went missing (GCC 12 with -static-libstdc++). tests/test_ops.py checks the
+    built extension's messages themselves.
     """
 
     def build_extensions(self):
-        for attr in ("linker_so", "linker_so_cxx", "linker_exe", "linker_exe_cxx"):
-            cmd = getattr(self.compiler, attr, None)
-            if cmd:
-                setattr(self.compiler, attr, [a for a in cmd if a != "-static-libstdc++"])
         super().build_extensions()
+        for ext in self.extensions:
+            path = self.get_ext_fullpath(ext.name)
+            if _needs_shared_libstdcxx(path) is False:
+                os.remove(path)
+                raise RuntimeError(
+                    f"{path} has libstdc++ linked in statically (by the C++ compiler "
+                    f"{self.compiler.compiler_cxx[0]!r} from $CXX or Python's sysconfig, or by "
+                    "-static-libstdc++ in LDFLAGS): beside libtorch's shared libstdc++ it "
+                    "breaks error messages or crashes the process at the first one. Build "
+                    "with a compiler that has a shared libstdc++ and without "
+                    "-static-libstdc++, e.g. CXX=g++ pip install --no-build-isolation -e .")
 
 
 def _extension():

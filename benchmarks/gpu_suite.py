@@ -123,7 +123,9 @@ def build_steps(out: Path, rehearse: bool, data_root: Optional[str]) -> list[Ste
             cc = "9.0"
         steps.append(Step("build", [PY, "-m", "pip", "install", "--no-build-isolation",
                                     "--no-deps", "-e", "."], 240,
-                          env=dict(RSO_EXT_CUDA="1", TORCH_CUDA_ARCH_LIST=cc,
+                          # the system's g++: the GPU image's $CXX linked libstdc++ statically,
+                          # which setup.py refuses (2026-12-04)
+                          env=dict(RSO_EXT_CUDA="1", TORCH_CUDA_ARCH_LIST=cc, CXX="g++",
                                    MAX_JOBS=str(os.cpu_count() or 4))))
         # two processes: a kernel fault poisons the CUDA context of the rest of its process, so
         # the op tests and the fused-sweep tests each report their own failures

@@ -40,9 +40,10 @@ def _assert_close(actual, expected, rtol=1e-12):
 
 @pytest.mark.build
 def test_an_error_that_formats_numbers_does_not_crash_the_process():
-    # A libstdc++ linked statically into _C (a Python whose link command says
-    # -static-libstdc++) segfaults the first time an error message formats a number; run it in a
-    # child so that such a build fails this test with a message instead of ending the session.
+    # A libstdc++ linked statically into _C, beside libtorch's shared one, breaks the streams
+    # that format error messages: the process segfaulted (GCC 13 on the H200 machine) or the
+    # numbers were left out of the message (GCC 12 here). Run it in a child so that such a build
+    # fails this test with a message instead of ending the session.
     child = textwrap.dedent("""
         import torch
         from rso_ext import ops
