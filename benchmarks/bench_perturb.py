@@ -193,6 +193,31 @@ class Backend:
                     accepted=stats.accepted, final=final)
 
 
+def profile_units(backends, units, x, y, device, weights: int, path: Path) -> None:
+    """Where a backend's time goes: ``weights`` weights of the first, a middle and the last conv
+    weight unit under torch.profiler, the top operators by self time (device time on CUDA)."""
+    from torch.profiler import ProfilerActivity, profile
+    convs = [i for i, u in enumerate(units)
+             if isinstance(u.module, torch.nn.Conv2d) and u.param_name == "weight"]
+    convs.sort(key=lambda i: units[i].position)
+    picks = sorted({convs[0], convs[len(convs) // 2], convs[-1]}) if convs else [0]
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    key = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    parts = []
+    for b in backends:
+        for i in picks:
+            m = min(weights, units[i].param.numel())
+            with profile(activities=acts) as prof:
+                r = b.sweep(i, x, y, device, m)      # the model is not measured after this
+            parts.append(f"== {b.name} {units[i].name}: {m} weights, {r['total_s']:.3f} s in all "
+                         f"(begin {r['begin_s']:.3f} s, weights {r['warm_s'] + r['run_s']:.3f} "
+                         f"s), top operators by {key}\n"
+                         + prof.key_averages().table(sort_by=key, row_limit=20))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n\n".join(parts) + "\n")
+    print(f"wrote the profile {os.path.relpath(path, Path.cwd())}")
+
+
 # -- the benchmark ----------------------------------------------------------------------------------
 def unit_kind(model: torch.nn.Module, units) -> dict:
     """Indices of the deepest conv weight unit, the final linear weight unit and fc1."""
@@ -252,6 +277,12 @@ def main(argv=None) -> int:
     p.add_argument("--cycles", type=int, default=50, help="RSO cycles (sets the annealing; "
                    "the benchmark sweeps cycle 0)")
     p.add_argument("--out", default=None, help="JSON path (default benchmarks/results/...)")
+    p.add_argument("--profile", default=None, metavar="PATH",
+                   help="after the measurements, profile --profile-weights weights of the first "
+                        "conv, a middle conv and the last conv unit of each backend with "
+                        "torch.profiler and write the top operators by (device) time to PATH")
+    p.add_argument("--profile-weights", type=int, default=8,
+                   help="--profile: weights swept per profiled unit (default 8)")
     args = p.parse_args(argv)
 
     device = torch.device(args.device)
@@ -459,6 +490,8 @@ def main(argv=None) -> int:
     out.write_text(json.dumps(doc, indent=1, default=float) + "\n")
     print(f"wrote {os.path.relpath(out, Path.cwd())} (wall {wall:.1f} s)")
     print("RESULT " + " ".join(f"{k}={plain(v)}" for k, v in res.items()), flush=True)
+    if args.profile:
+        profile_units(backends, units, x, y, device, args.profile_weights, Path(args.profile))
     return 0
 
 

@@ -152,7 +152,8 @@ def build_steps(out: Path, rehearse: bool, data_root: Optional[str]) -> list[Ste
     steps.append(memcheck)       # correctness first: the tests, then memcheck, then timings
     bench = [PY, "benchmarks/bench_perturb.py", "--model", "paper_mnist", "--device", dev,
              "--quick", "--backends", "torch-cached,fused",
-             "--out", str(out / f"bench_perturb_paper_mnist_{dev}.json")]
+             "--out", str(out / f"bench_perturb_paper_mnist_{dev}.json"),
+             "--profile", str(out / f"profile_paper_mnist_{dev}.txt")]
     bench += (["--batch-size", "32", "--train-size", "128", "--calib-size", "64", "--budget", "4",
                "--data-root", "embedded"] if rehearse
               else ["--batch-size", "5000", "--budget", "60", *data])

@@ -32,3 +32,20 @@ def test_benchmark_help(script, data_root):
                        env=env, timeout=120)
     assert r.returncode == 0, r.stderr
     assert "usage:" in r.stdout
+
+
+def test_bench_perturb_profile_names_each_profiled_unit(tmp_path):
+    # the profile the GPU suite takes of a lease: a table of operators per backend and unit
+    prof = tmp_path / "profile.txt"
+    r = subprocess.run(
+        [sys.executable, str(BENCHMARKS / "bench_perturb.py"), "--quick", "--batch-size", "16",
+         "--train-size", "64", "--calib-size", "32", "--budget", "2", "--data-root", "embedded",
+         "--backends", "torch-cached,fused", "--threads", "1", "--out", str(tmp_path / "b.json"),
+         "--profile", str(prof), "--profile-weights", "2"],
+        capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    text = prof.read_text()
+    for backend in ("torch-cached", "fused"):
+        for unit in ("conv1.weight", "conv4.weight", "conv6.weight"):
+            assert f"== {backend} {unit}: 2 weights" in text, text[:3000]
+    assert "Self CPU" in text
