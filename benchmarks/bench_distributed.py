@@ -1,18 +1,21 @@
 #!/usr/bin/env python
 """One process with T threads against W gloo processes with T/W threads each, on a paper_mnist
-cycle of the torch backend (docs/design.md §8), and what one reduction costs per weight.
+cycle of the torch or the fused backend (docs/design.md §8), and what one reduction costs per
+weight.
 
     python benchmarks/bench_distributed.py --data-root MNIST_DIR --batch-size 512 --ranks 2
+    python benchmarks/bench_distributed.py ... --backend fused
 
 For every unit of paper_mnist the first n and then 2n weights are swept (``RSO.sweep_unit``,
 n = ``--weights``): the difference gives the seconds per weight, the rest the unit's fixed cost
 (its input cache), and the cycle seconds of each set-up are those scaled to the units' sizes, measured in the same run of this script
 (one process first, then the ranks, spawned by it). The reduction cost is the mean time of an
 ``all_reduce`` of the K=3 float64 losses between the ranks (``--reductions`` of them, after a
-warm-up), which each weight pays once on the torch backend, plus once per BatchNorm with batch
-statistics in its suffix.
+warm-up), which each weight pays once, plus, per BatchNorm with batch statistics in its suffix,
+once per candidate on the torch backend and once for all K candidates on the fused one. Over the
+ranks the fused backend runs its device-generic ATen passes; the one process, its CPU passes.
 
-Output: ``benchmarks/results/bench_distributed_paper_mnist_B<B>_cpu.json`` and a
+Output: ``benchmarks/results/bench_distributed_paper_mnist_B<B>[_fused]_cpu.json`` and a
 ``RESULT key=value ...`` line. Time it on an otherwise idle machine.
 """
 from __future__ import annotations
@@ -41,14 +44,14 @@ from rso_ext import RSO, data, models, runtime  # noqa: E402
 
 
 def _cycle(args, threads: int) -> dict:
-    """Extrapolated cycle seconds of the torch backend on this process (and its group)."""
+    """Extrapolated cycle seconds of ``args.backend`` on this process (and its group)."""
     torch.set_num_threads(threads)
     runtime.reuse_freed_memory()
     root = None if args.data_root in (None, "embedded") else args.data_root
     s = data.load_splits("mnist", root=root, val_size=0)
     x, y = s.train_x[:args.train_size], s.train_y[:args.train_size]
     rso = RSO(models.paper_mnist(torch.Generator().manual_seed(0)), cycles=50,
-              batch_size=args.batch_size, backend="torch",
+              batch_size=args.batch_size, backend=args.backend,
               generator=torch.Generator().manual_seed(1))
     rso.check(x, y)
     rso.sweep_unit(0, x, y, weights=2)                    # warm-up
@@ -96,6 +99,7 @@ def main(argv=None) -> int:
     p.add_argument("--train-size", type=int, default=2048, help="the search pool")
     p.add_argument("--weights", type=int, default=8, help="weights timed per unit")
     p.add_argument("--ranks", type=int, default=2)
+    p.add_argument("--backend", choices=["torch", "fused"], default="torch")
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1,
                    help="threads of the single process; each rank gets threads / ranks")
     p.add_argument("--reductions", type=int, default=2000)
@@ -110,7 +114,8 @@ def main(argv=None) -> int:
         mp.spawn(_rank, args=(args.ranks, os.path.join(tmp, "rdzv"), out, args),
                  nprocs=args.ranks, join=True)
         ranked = json.loads(Path(out).read_text())
-    result = dict(batch=args.batch_size, ranks=args.ranks, threads=args.threads,
+    result = dict(backend=args.backend, batch=args.batch_size, ranks=args.ranks,
+                  threads=args.threads,
                   cycle_s_one_process=single["cycle_s"], cycle_s_ranks=ranked["cycle_s"],
                   speedup=single["cycle_s"] / ranked["cycle_s"],
                   reduction_us=1e6 * ranked["reduction_s"])
@@ -119,11 +124,12 @@ def main(argv=None) -> int:
                command="python " + shlex.join([os.path.relpath(sys.argv[0], ROOT)]
                                               + (list(argv) if argv is not None
                                                  else sys.argv[1:])),
-               model="paper_mnist", backend="torch", train_size=args.train_size,
+               model="paper_mnist", backend=args.backend, train_size=args.train_size,
                weights_timed_per_unit=args.weights, one_process=single, ranks=ranked,
                result=result)
     path = Path(args.out) if args.out else (ROOT / "benchmarks" / "results"
                                             / f"bench_distributed_paper_mnist_B{args.batch_size}"
+                                              f"{'_fused' if args.backend == 'fused' else ''}"
                                               "_cpu.json")
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(doc, indent=1) + "\n")

@@ -78,7 +78,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "Whether the CUDA kernels were compiled into this build of the extension.");
   m.def("_set_device_generic_paths", &rso::set_device_generic_paths,
         "Test switch: CPU tensors take the device-generic (CUDA backend's) code paths.");
-  m.def("_device_generic_paths", &rso::device_generic_paths);
+  m.def("_device_generic_paths", &rso::device_generic_switch,
+        "The test switch itself (the passes also go device-generic while a reduce group is set).");
+  m.def("_set_reduce_group", &rso::set_reduce_group,
+        "Over torch.distributed: the process group (by name) whose ranks the fused operators "
+        "add their BatchNorm statistics and losses across; '' for one process.");
+  m.def("_reduce_group", [] { return rso::reduce_group(); });
   m.def("left_out_budget", [] { return rso::fused::kLeftOutBudget; },
         "Most bytes of per-neuron states one fused_sweep call keeps (csrc/core/fused.h).");
   m.def("op_kinds", [] {

@@ -13,10 +13,9 @@ the losses are gathered.
 Nothing here acts unless a process group with more than one rank is initialised (by the caller,
 or by ``python -m rso_ext train`` under ``torchrun``): single-process runs are unchanged.
 
-What runs distributed: the torch backend of every per-weight method (``RSO``, SA, lottery ticket)
-and the population methods ES and GA. The fused backend does not yet reduce inside its compiled
-sweep; under a process group ``backend="auto"`` picks torch and says so, ``backend="fused"`` is
-refused.
+What runs distributed: both backends of every per-weight method (``RSO``, SA, lottery ticket;
+the fused one reduces inside its compiled sweep, :func:`rso_ext.ops.reduce_across`) and the
+population methods ES and GA. Under a process group ``backend="auto"`` picks torch and says so.
 """
 from __future__ import annotations
 

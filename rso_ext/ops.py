@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
-from typing import Iterator, Optional
+from typing import Callable, ContextManager, Iterator, Optional
 
 import torch
 import torch.nn.functional as F
@@ -112,17 +112,33 @@ def cuda_built() -> bool:
 
 
 @contextlib.contextmanager
-def device_generic_paths(on: bool = True) -> Iterator[None]:
+def _switched(get: Callable[[], object], set_: Callable[[object], None],
+              value: object) -> Iterator[None]:
+    """A process-wide switch of ``rso_ext._C`` set to ``value`` within the block, then restored."""
+    before = get()
+    set_(value)
+    try:
+        yield
+    finally:
+        set_(before)
+
+
+def device_generic_paths(on: bool = True) -> ContextManager[None]:
     """Test switch: within the block, CPU tensors take the device-generic code the CUDA backend
     runs (ATen passes, ``channel_candidates_aten``, the default recompute and refresh of a lazy
     channel, no CPU logits head) instead of the hand-written CPU passes, so that CPU tests
     cover that code (docs/design.md §7). Not for training: it is slower, not more exact."""
-    before = bool(_C._device_generic_paths())
-    _C._set_device_generic_paths(on)
-    try:
-        yield
-    finally:
-        _C._set_device_generic_paths(before)
+    return _switched(_C._device_generic_paths, _C._set_device_generic_paths, bool(on))
+
+
+def reduce_across(group_name: str) -> ContextManager[None]:
+    """Within the block the fused operators evaluate this process's shard of each minibatch and
+    add what depends on the whole minibatch across the ranks of the process group named
+    ``group_name`` (``torch.distributed`` group's ``group_name``): the BatchNorm batch
+    statistics (float64 sums and sums of squares) and the candidates' summed losses, so every
+    rank makes the same choice. They take the device-generic paths meanwhile (docs/design.md
+    §8). ``""``: one process, as outside the block."""
+    return _switched(_C._reduce_group, _C._set_reduce_group, str(group_name))
 
 
 def left_out_budget() -> int:

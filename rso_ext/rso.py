@@ -154,14 +154,12 @@ class RSO(Method):
                 self.backend_reason = (f"torch: loss={self.hparams['loss']} is not the "
                                        "cross-entropy the fused kernels compute")
                 logger.info("rso_ext backend %s", self.backend_reason)
-            elif asked != "torch" and distributed.active():
-                if asked == "fused":
-                    raise ValueError("backend='fused' does not run over several processes yet "
-                                     "(its compiled sweep does not reduce across ranks); use "
-                                     "backend='torch' or 'auto'")
+            elif asked == "auto" and distributed.active():
                 self.backend_reason = ("torch: backend='auto' and a process group of "
                                        f"{distributed.world()[1]} ranks is active (the fused "
-                                       "backend runs in one process only)")
+                                       "backend runs over several processes through its "
+                                       "device-generic passes only: ask for it with "
+                                       "backend='fused')")
                 logger.info("rso_ext backend %s", self.backend_reason)
             elif asked != "torch":
                 try:

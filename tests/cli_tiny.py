@@ -60,6 +60,12 @@ def _die_on_cue() -> None:
 
 _die_on_cue()
 
+# RSO_EXT_TEST_DEVICE_GENERIC=1: the fused operators take the device-generic passes for the
+# whole process (rso_ext.ops.device_generic_paths), as they do over several ranks
+if os.environ.get("RSO_EXT_TEST_DEVICE_GENERIC") == "1":
+    from rso_ext import _C
+    _C._set_device_generic_paths(True)
+
 
 def serve() -> None:
     out = sys.stdout

@@ -423,7 +423,7 @@ at::Tensor candidate_losses(const Backend& be, const at::Tensor& x, const at::Te
   if (std::unique_ptr<Head> head = be.head(s)) {
     return head->losses(k, vals, batch.contiguous());
   }
-  return evaluate(be, s, k, vals, batch.contiguous());
+  return all_reduce_sum(evaluate(be, s, k, vals, batch.contiguous()));
 }
 
 std::tuple<at::Tensor, at::Tensor> sweep(
@@ -480,7 +480,9 @@ std::tuple<at::Tensor, at::Tensor> sweep(
         }
       }
     }
-    const at::Tensor l = evaluate(be, lazy, k, row, idx[i], left_out);
+    // over several processes: this rank's shard of the minibatch, the losses summed across
+    // ranks, so that every rank makes the same choice (program.h: reduce_group)
+    const at::Tensor l = all_reduce_sum(evaluate(be, lazy, k, row, idx[i], left_out));
     const bool go_on = be.step(lazy, call, i, k, l, row);
     const bool neuron_ends = i == m - 1 || site_of(s, k + 1).o != o;
     if (lazy.lazy_z && (!go_on || neuron_ends)) {

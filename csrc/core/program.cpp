@@ -108,9 +108,56 @@ Program parse_program(at::IntArrayRef kinds, at::IntArrayRef params, at::ArrayRe
 
 namespace {
 std::atomic<bool> g_device_generic{false};
+std::string g_reduce_group;  // set and read by the one Python thread that drives a sweep
+
+// BatchNorm of x [G*b, C, ...] on the batch statistics of each of its G groups of samples over
+// the whole minibatch spread across the ranks: per (group, channel) float64 sums and sums of
+// squares of this rank's samples, added across ranks (biased variance, as BatchNorm trains).
+// gamma, beta: broadcastable to [G, C].
+at::Tensor batch_norm_across_ranks(const at::Tensor& x, const at::Tensor& gamma,
+                                   const at::Tensor& beta, double eps, int64_t groups) {
+  const int64_t C = x.size(1);
+  const at::Tensor v = x.reshape({groups, x.size(0) / groups, C, -1}).to(at::kDouble);
+  const at::Tensor count = at::full({1}, static_cast<double>(v.size(1) * v.size(3)),
+                                    v.options());
+  const at::Tensor stats =
+      all_reduce_sum(at::cat({v.sum({1, 3}).flatten(), (v * v).sum({1, 3}).flatten(), count}));
+  const at::Tensor n = stats.narrow(0, 2 * groups * C, 1);
+  const at::Tensor mean = stats.narrow(0, 0, groups * C).view({groups, C}) / n;
+  const at::Tensor var =
+      (stats.narrow(0, groups * C, groups * C).view({groups, C}) / n - mean * mean).clamp_min(0);
+  const at::Tensor scale = at::rsqrt(var + eps) * gamma.to(at::kDouble);
+  const at::Tensor shift = beta.to(at::kDouble) - mean * scale;
+  const at::Tensor out = v * scale.view({groups, 1, C, 1}) + shift.view({groups, 1, C, 1});
+  return out.to(x.scalar_type()).view(x.sizes());
+}
 }  // namespace
 
-bool device_generic_paths() { return g_device_generic.load(std::memory_order_relaxed); }
+bool device_generic_paths() {
+  return g_device_generic.load(std::memory_order_relaxed) || !g_reduce_group.empty();
+}
+
+bool device_generic_switch() { return g_device_generic.load(std::memory_order_relaxed); }
+
+const std::string& reduce_group() { return g_reduce_group; }
+
+void set_reduce_group(const std::string& group_name) { g_reduce_group = group_name; }
+
+at::Tensor all_reduce_sum(const at::Tensor& t) {
+  if (g_reduce_group.empty()) {
+    return t;
+  }
+  // boxed calls: the group argument's declared type differs between torch versions (str, Any)
+  static const c10::OperatorHandle reduce =
+      c10::Dispatcher::singleton().findSchemaOrThrow("_c10d_functional::all_reduce", "");
+  static const c10::OperatorHandle wait =
+      c10::Dispatcher::singleton().findSchemaOrThrow("_c10d_functional::wait_tensor", "");
+  std::vector<c10::IValue> stack{t.contiguous(), std::string("sum"), g_reduce_group};
+  reduce.callBoxed(&stack);
+  stack = {stack.at(0).toTensor()};
+  wait.callBoxed(&stack);
+  return stack.at(0).toTensor();
+}
 
 void set_device_generic_paths(bool on) { g_device_generic.store(on); }
 
@@ -132,6 +179,10 @@ at::Tensor apply_dense(const Op& op, const at::Tensor& x, int64_t groups) {
       }
       if (op.p[0] == 0) {
         return at::batch_norm(x, op.t[0], op.t[1], op.t[2], op.t[3], false, 0.0, op.eps, false);
+      }
+      if (!g_reduce_group.empty()) {
+        return batch_norm_across_ranks(x, op.t[0].view({1, -1}), op.t[1].view({1, -1}), op.eps,
+                                       groups);
       }
       if (groups == 1) {
         return at::batch_norm(x, op.t[0], op.t[1], {}, {}, true, 0.0, op.eps, false);
@@ -202,6 +253,10 @@ at::Tensor apply_single(const Op& op, const at::Tensor& x, int64_t o, int64_t gr
   const at::Tensor flat = x.reshape({groups, -1});
   const at::Tensor g = gamma.defined() ? gamma.reshape({groups, 1}) : op.t[0].narrow(0, o, 1).reshape({1, 1});
   const at::Tensor b = beta.defined() ? beta.reshape({groups, 1}) : op.t[1].narrow(0, o, 1).reshape({1, 1});
+  if (op.p[0] == 1 && !g_reduce_group.empty()) {
+    return batch_norm_across_ranks(x.reshape({x.size(0), 1, -1}), g, b, op.eps, groups)
+        .view(x.sizes());
+  }
   at::Tensor mean, var;
   if (op.p[0] == 1) {
     std::tie(var, mean) = at::var_mean(flat, {1}, /*correction=*/0, /*keepdim=*/true);

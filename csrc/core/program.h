@@ -29,6 +29,7 @@
 #include <ATen/core/List.h>
 
 #include <optional>
+#include <string>
 #include <vector>
 
 namespace rso {
@@ -59,8 +60,21 @@ struct Program {
 // device-generic code the CUDA backend runs (ATen passes, channel_candidates_aten, the default
 // recompute and refresh of a lazy channel, no CPU logits head) instead of the hand-written CPU
 // passes, so that the CPU tests exercise that code too. Off by default.
-bool device_generic_paths();
+bool device_generic_paths();  // the switch, or a reduce group (below) is set
+bool device_generic_switch();
 void set_device_generic_paths(bool on);
+
+// Data-parallel evaluation over torch.distributed (rso_ext.ops.reduce_across; docs/design.md
+// §8): while a group name is set, each process evaluates its shard of every minibatch, and
+// what depends on the whole minibatch is added across the group's ranks: the BatchNorm batch
+// statistics (float64 sums and sums of squares, all_reduce_sum) and the candidates' summed
+// losses (the fused operators' callers of evaluate). The device-generic paths run meanwhile
+// (the hand-written CPU passes and heads compute their statistics locally). Empty: one process.
+const std::string& reduce_group();
+void set_reduce_group(const std::string& group_name);
+// `t` summed over the ranks of reduce_group() (torch's functional all_reduce through the
+// dispatcher, waited for); `t` itself when no group is set.
+at::Tensor all_reduce_sum(const at::Tensor& t);
 
 // Parses and checks the encoding above (TORCH_CHECK errors name the op and the problem).
 // `swept_first`: op 0 must be the swept conv/linear layer (the fused evaluation's programs).

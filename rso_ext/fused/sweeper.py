@@ -8,12 +8,13 @@ the decisions are those of ``backend="torch"`` wherever the loss margins exceed 
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Callable, Optional, Sequence, Union
 
 import torch
 from torch import nn
 
-from .. import ops
+from .. import distributed, ops
 from ..memory import ModuleFootprint, estimate_sweep_bytes, format_bytes
 from ..streams import SweepStreams
 from ..sweep import candidate_values, non_finite
@@ -63,6 +64,14 @@ def fused_sweep_estimate(trace: Sequence[ModuleFootprint], owner_module: nn.Modu
     return total, (f"{cached} {format_bytes(pool_size * cache)} for {pool_size} samples + "
                    f"activations {format_bytes(batch_size * per_batch)} for batch {batch_size}"
                    f"{states}")
+
+
+def _across_ranks():
+    """Under a process group of several ranks, the fused operators add their BatchNorm
+    statistics and losses across it (:func:`rso_ext.ops.reduce_across`); else nothing."""
+    if not distributed.active():
+        return contextlib.nullcontext()
+    return ops.reduce_across(torch.distributed.group.WORLD.group_name)
 
 
 def _staged(t: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -305,10 +314,13 @@ class FusedSweeper:
             b = min(k1, a + step)
             values = candidate_values(param.view(-1)[a:b], _staged(streams.deltas[a:b], dev),
                                       decay)
-            chosen, losses = ops.fused_sweep(
-                self.x, self.z, param, self.y, self.prog.program, unit_kind=self.prog.unit_kind,
-                unit_op=self.prog.unit_op, k0=a, values=values,
-                batches=_staged(streams.batches(a, b), dev))
+            batches = streams.batches(a, b)
+            lo, hi = distributed.shard(batches.shape[1], "the minibatch size")
+            with _across_ranks():
+                chosen, losses = ops.fused_sweep(
+                    self.x, self.z, param, self.y, self.prog.program,
+                    unit_kind=self.prog.unit_kind, unit_op=self.prog.unit_op, k0=a,
+                    values=values, batches=_staged(batches[:, lo:hi], dev))
             if int(chosen.min()) < 0:      # -1: a non-finite state stopped the call
                 i = int((chosen == -1).nonzero()[0])
                 param.view(-1)[a + i] = values[i, 0]
@@ -324,11 +336,15 @@ class FusedSweeper:
     def losses(self, k: int, values: torch.Tensor, idx: torch.Tensor,
                target: Optional[torch.Tensor] = None) -> torch.Tensor:
         """float64 [K]: summed losses of weight ``k`` set to each of ``values`` on minibatch
-        ``idx`` of the pool (targets are the pool's). Changes nothing."""
-        return ops.fused_candidate_losses(
-            self.x, self.z, self.unit.param.data, self.y, self.prog.program,
-            unit_kind=self.prog.unit_kind, unit_op=self.prog.unit_op, k=k, values=values,
-            batch=idx)
+        ``idx`` of the pool (targets are the pool's); over several processes each rank
+        evaluates its shard of ``idx`` and the losses are those of the whole minibatch. Changes
+        nothing."""
+        lo, hi = distributed.shard(len(idx), "the minibatch size")
+        with _across_ranks():
+            return ops.fused_candidate_losses(
+                self.x, self.z, self.unit.param.data, self.y, self.prog.program,
+                unit_kind=self.prog.unit_kind, unit_op=self.prog.unit_op, k=k, values=values,
+                batch=idx[lo:hi])
 
     @torch.no_grad()
     def set(self, k: int, value: torch.Tensor) -> None:
