@@ -6,6 +6,7 @@ script fail before parsing its arguments) that would otherwise surface only at m
 """
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -49,3 +50,23 @@ def test_bench_perturb_profile_names_each_profiled_unit(tmp_path):
         for unit in ("conv1.weight", "conv4.weight", "conv6.weight"):
             assert f"== {backend} {unit}: 2 weights" in text, text[:3000]
     assert "Self CPU" in text
+
+
+def test_ablate_paper_runs_each_variant_once_and_resumes(tmp_path):
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env.pop("RSO_EXT_MNIST_ROOT", None)          # the embedded subset
+    cmd = [sys.executable, str(BENCHMARKS / "ablate_paper.py"), "--variants",
+           "base,sampler_random", "--batch-size", "16", "--train-size", "64", "--val-size", "40",
+           "--cycles", "1", "--calib-size", "32", "--threads", "1",
+           "--out-dir", str(tmp_path / "runs"), "--out", str(tmp_path / "a.json")]
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    doc = json.loads((tmp_path / "a.json").read_text())
+    for v in ("base", "sampler_random"):
+        res = doc["results"][v]
+        assert 0 < res["val_acc_1"] <= 1 and 0 < res["test_acc_1"] <= 1, res
+        assert "--sampler random" in res["command"] or v == "base"
+    assert r.stdout.count("ablate_paper: ") == 2
+    again = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    assert again.returncode == 0 and "ablate_paper: " not in again.stdout   # nothing re-run
+    assert json.loads((tmp_path / "a.json").read_text())["results"] == doc["results"]
