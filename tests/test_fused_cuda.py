@@ -324,3 +324,47 @@ def test_a_small_sweep_is_memcheck_clean(tmp_path):
     assert proc.returncode == 0, out[-6000:]
     assert "ERROR SUMMARY: 0 errors" in out, out[-6000:]
     assert "accepted" in out
+
+
+
+def _losses_under(modes, device="cuda"):
+    """float64 [16, 3] per precision mode: the summed losses of 16 conv2 weights of paper_mnist
+    set to w, w + 0.3, w - 0.3 (margins well clear of TF32 rounding) on one minibatch of 128."""
+    from rso_ext.precision import precision
+    net = models.paper_mnist(torch.Generator().manual_seed(0)).to(device)
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(256, 1, 28, 28, generator=g).to(device)
+    y = torch.randint(0, 10, (256,), generator=g).to(device)
+    calibrate(net, x)
+    sample = x[:2]
+    unit = next(u for u in visit_units(net, sample) if u.name == "conv2.weight")
+    order = [m for _, m in execution_order(net, sample)]
+    idx = torch.randperm(256, generator=g)[:128].to(device)
+    rows = {}
+    with search_mode(net, order, unit.position):
+        sw = FusedSweeper(lower(net, sample), unit)
+        sw.begin(x, y)
+        w = unit.param.data.view(-1)
+        for mode in modes:
+            with precision(mode):
+                rows[mode] = torch.stack([
+                    sw.losses(k, torch.stack([w[k], w[k] + 0.3, w[k] - 0.3]), idx)
+                    for k in range(0, 144, 9)]).cpu()
+        sw.end()
+    return rows
+
+
+def test_tf32_losses_stay_within_its_rounding_and_keep_the_clear_decisions():
+    """precision="tf32" (issue 15): cuDNN may use the tensor cores' TF32 on the dense suffix; the
+    candidates' summed losses then move by TF32 rounding (~1e-3 relative per convolution), and
+    the decisions are the exact ones wherever the exact margin exceeds that."""
+    rows = _losses_under(("exact", "tf32"))
+    exact, tf32 = rows["exact"], rows["tf32"]
+    assert torch.isfinite(tf32).all()
+    noise = (tf32 - exact).abs()
+    assert (noise <= 1e-3 * exact.abs()).all(), noise.max()
+    # by loss margin, not bitwise: where the exact margin exceeds twice the largest TF32
+    # deviation in the table, TF32 picks the exact winner
+    top2 = exact.sort(dim=1).values
+    clear = (top2[:, 1] - top2[:, 0]) > 2 * noise.max()
+    assert torch.equal(tf32.argmin(1)[clear], exact.argmin(1)[clear])
