@@ -74,7 +74,8 @@ class _BuildExtension(BuildExtension):
                 os.remove(path)
                 raise RuntimeError(
                     f"{path} has libstdc++ linked in statically (by the C++ compiler "
-                    f"{self.compiler.compiler_cxx[0]!r} from $CXX or Python's sysconfig, or by "
+                    f"{(self.compiler.compiler_cxx or ['c++'])[0]!r} from $CXX or Python's "
+                    "sysconfig, or by "
                     "-static-libstdc++ in LDFLAGS): beside libtorch's shared libstdc++ it "
                     "breaks error messages or crashes the process at the first one. Build "
                     "with a compiler that has a shared libstdc++ and without "
