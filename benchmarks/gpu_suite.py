@@ -142,14 +142,14 @@ def build_steps(out: Path, rehearse: bool, data_root: Optional[str]) -> list[Ste
         for st in steps:
             if st.name.startswith("tests"):
                 st.skip = "pytest is not installed (pip install -e '.[test]')"
-    # tests/test_fused_cuda.py runs a small sweep under compute-sanitizer memcheck itself
-    memcheck = Step(
+    # tests/test_fused_cuda.py runs a small sweep under compute-sanitizer memcheck itself;
+    # correctness first: the tests, then memcheck, then timings
+    steps.append(Step(
         "memcheck",
         [PY, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "cuda",
          "tests/test_fused_cuda.py", "-k", "memcheck", f"--junitxml={out / 'memcheck.xml'}"], 150,
         skip="rehearsal on the CPU" if rehearse else
-        (None if sanitizer else "compute-sanitizer is not on PATH"))
-    steps.append(memcheck)       # correctness first: the tests, then memcheck, then timings
+        (None if sanitizer else "compute-sanitizer is not on PATH")))
     bench = [PY, "benchmarks/bench_perturb.py", "--model", "paper_mnist", "--device", dev,
              "--quick", "--backends", "torch-cached,fused",
              "--out", str(out / f"bench_perturb_paper_mnist_{dev}.json"),

@@ -219,10 +219,10 @@ def _torchrun(args: list[str], env_extra: dict | None = None, restarts: int = 0,
     return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
 
 
-def _cli_args(root, out):
+def _cli_args(root, out, backend="torch"):
     return ["train", "--model", "tiny", "--data-root", str(root), "--out", str(out),
             "--batch-size", "20", "--val-size", "40", "--calib-size", "40", "--cycles", "2",
-            "--seed", "3", "--backend", "torch", "--no-progress", "--threads", "1"]
+            "--seed", "3", "--backend", backend, "--no-progress", "--threads", "1"]
 
 
 def _metrics(run: Path) -> list[dict]:
@@ -266,11 +266,10 @@ def one_process_run(tiny_root, tmp_path_factory):
 
 
 def test_torchrun_train_with_the_fused_backend_equals_one_process(tiny_root, tmp_path):
-    args = [{"torch": "fused"}.get(a, a) for a in _cli_args(tiny_root, tmp_path / "two")]
-    r = _torchrun(args)
+    r = _torchrun(_cli_args(tiny_root, tmp_path / "two", backend="fused"))
     assert r.returncode == 0, r.stderr[-3000:]
-    one = [{"torch": "fused"}.get(a, a) for a in _cli_args(tiny_root, tmp_path / "one")]
-    r = subprocess.run([sys.executable, str(HERE / "cli_tiny.py"), "run", *one],
+    r = subprocess.run([sys.executable, str(HERE / "cli_tiny.py"), "run",
+                        *_cli_args(tiny_root, tmp_path / "one", backend="fused")],
                        capture_output=True, text=True, timeout=600,
                        env=dict(os.environ, OMP_NUM_THREADS="1",
                                 RSO_EXT_TEST_DEVICE_GENERIC="1"))   # the ranks' passes

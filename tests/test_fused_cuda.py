@@ -209,9 +209,11 @@ def test_sweeps_keep_z_exact_and_agree_with_cpu(unit_name):
         assert unit_name == "conv2.bias", "only the unit BatchNorm cancels has tied candidates"
 
 
-def _gpu_sweeper(unit_name="conv2.weight", n=30):
-    net = tiny_net(seed=1).cuda()
-    x, y = toy_data(n)
+def _gpu_sweeper(unit_name="conv2.weight", n=30, net=None, data=None):
+    """A FusedSweeper of ``unit_name`` on CUDA (not begun): ``net`` (default tiny_net) calibrated
+    on ``data`` (default toy_data(n))."""
+    net = (tiny_net(seed=1) if net is None else net).cuda()
+    x, y = toy_data(n) if data is None else data
     x, y = x.cuda(), y.cuda()
     calibrate(net, x)
     unit = next(u for u in visit_units(net, x[:2]) if u.name == unit_name)
@@ -326,23 +328,17 @@ def test_a_small_sweep_is_memcheck_clean(tmp_path):
     assert "accepted" in out
 
 
-
-def _losses_under(modes, device="cuda"):
+def _losses_under(modes):
     """float64 [16, 3] per precision mode: the summed losses of 16 conv2 weights of paper_mnist
-    set to w, w + 0.3, w - 0.3 (margins well clear of TF32 rounding) on one minibatch of 128."""
+    set to w, w + 0.3, w - 0.3 on one minibatch of 128."""
     from rso_ext.precision import precision
-    net = models.paper_mnist(torch.Generator().manual_seed(0)).to(device)
     g = torch.Generator().manual_seed(2)
-    x = torch.randn(256, 1, 28, 28, generator=g).to(device)
-    y = torch.randint(0, 10, (256,), generator=g).to(device)
-    calibrate(net, x)
-    sample = x[:2]
-    unit = next(u for u in visit_units(net, sample) if u.name == "conv2.weight")
-    order = [m for _, m in execution_order(net, sample)]
-    idx = torch.randperm(256, generator=g)[:128].to(device)
+    data = torch.randn(256, 1, 28, 28, generator=g), torch.randint(0, 10, (256,), generator=g)
+    net, order, unit, sw, x, y = _gpu_sweeper(
+        net=models.paper_mnist(torch.Generator().manual_seed(0)), data=data)
+    idx = torch.randperm(256, generator=g)[:128].cuda()
     rows = {}
     with search_mode(net, order, unit.position):
-        sw = FusedSweeper(lower(net, sample), unit)
         sw.begin(x, y)
         w = unit.param.data.view(-1)
         for mode in modes:
