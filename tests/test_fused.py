@@ -136,6 +136,30 @@ def _head_net(seed: int) -> nn.Sequential:
     return _randomise(models.he_init_(net, g), g)
 
 
+def _pooled_strided_net(seed: int) -> nn.Sequential:
+    """Average pools the fused evaluation folds into the conv before them (a 3x3 pool on an 8- or
+    11-wide map, a 2x2 pool on a 3-wide one: floor mode drops a border; with and without bias)
+    and next layers of stride 2, which the register-blocked CPU correction reads as phase
+    planes; 8 channels, the blocked path's width."""
+    g = torch.Generator().manual_seed(seed)
+    net = nn.Sequential(OrderedDict([
+        ("conv1", nn.Conv2d(1, 8, 3, padding=1)), ("bn1", nn.BatchNorm2d(8)), ("relu1", nn.ReLU()),
+        ("conv2", nn.Conv2d(8, 8, 3, padding=1, bias=False)), ("pool2", nn.AvgPool2d(3)),
+        ("bn2", nn.BatchNorm2d(8)), ("relu2", nn.ReLU()),
+        ("conv3", nn.Conv2d(8, 8, 3, stride=2, padding=1)), ("relu3", nn.ReLU()),
+        ("conv4", nn.Conv2d(8, 8, 2, padding=1)), ("pool4", nn.AvgPool2d(2)),
+        ("bn4", nn.BatchNorm2d(8)), ("flat", nn.Flatten()), ("fc", nn.Linear(8, 3))]))
+    return _randomise(models.he_init_(net, g), g)
+
+
+@pytest.mark.parametrize("size", [8, 11])
+def test_pools_folded_into_convs_and_strided_next_layers_match_the_reference(size):
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(40, 1, size, size, generator=g)
+    y = torch.randint(0, 3, (40,), generator=g)
+    _check_all_units(_pooled_strided_net(seed=size), x, y)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_logits_head_chains_match_the_reference(dtype):
     # float32: the vectorised exp/log of the head; float64: the library's, so the moments
@@ -570,7 +594,9 @@ def _flatten_net(seed: int) -> nn.Sequential:
 
 
 @pytest.mark.parametrize("make,name", [(tiny_net, "conv1.weight"), (_flatten_net, "conv1.weight"),
-                                       (_flatten_net, "conv2.weight"), (_flatten_net, "fc1.weight")])
+                                       (_flatten_net, "conv2.weight"), (_flatten_net, "fc1.weight"),
+                                       (_pooled_strided_net, "conv1.weight"),
+                                       (_pooled_strided_net, "conv2.weight")])
 def test_per_neuron_states_of_recurring_minibatches_match_the_plain_evaluation(make, name,
                                                                             code_paths):
     # pool 48, B=16: the shuffle sampler cycles through 3 minibatches, so each recurs within
@@ -585,6 +611,6 @@ def test_per_neuron_states_of_recurring_minibatches_match_the_plain_evaluation(m
         pytest.skip("the CPU logits head sweeps fc1, without per-neuron states")
     x, y = toy_data(48, seed=6)
     chosen, losses, replay = _sweep_and_replay(make(seed=2), x, y, name)
-    torch.testing.assert_close(losses, replay, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(losses, replay, rtol=RTOL, atol=1e-6)
     assert not torch.equal(losses, replay), "the sweep never used a per-neuron state"
     assert (chosen != 0).sum() > len(chosen) // 3

@@ -126,6 +126,7 @@ Sweep make_sweep(const at::Tensor& x, const at::Tensor& z, const at::Tensor& par
                  int64_t unit_kind, int64_t unit_op) {
   Sweep s;
   s.prog = parse_program(kinds, params, eps, tensors);
+  fold_avg_pools(s.prog);
   TORCH_CHECK(unit_kind >= 0 && unit_kind <= 3,
               "fused: unit_kind must be 0 (weight), 1 (bias), 2 (BatchNorm gamma) or 3 (beta), got ",
               unit_kind);
@@ -255,6 +256,16 @@ void channel_candidates_aten(const Sweep& s, const Site& st, int64_t k, const at
 
 namespace {
 
+// logits [K, B, classes]: the next mixing layer (prog.next) on `base` [B, Cn, ...], its output
+// for the shared state, plus the change `dx` [K*B, ...] of channel o per candidate, then the
+// ops after it densely, each candidate with its own batch statistics.
+at::Tensor dense_suffix(const Program& prog, const at::Tensor& base, const at::Tensor& dx,
+                        int64_t o, int64_t K) {
+  const at::Tensor h = mixing_single_add(prog.ops[prog.next], base, dx, o, K);
+  return run_dense(prog, prog.next + 1, static_cast<int64_t>(prog.ops.size()), h, K)
+      .reshape({K, base.size(0), -1});
+}
+
 // The K summed float64 losses of weight k with candidate values `values` [K] on the
 // minibatch `idx` [B]. Reads the caches, changes nothing. `left_out`, when defined, is
 // left_out_state(s, o, idx) for the weight's neuron o (per_neuron_applies).
@@ -309,8 +320,7 @@ at::Tensor evaluate(const Backend& be, const Sweep& s, int64_t k, const at::Tens
   }
   at::Tensor logits;
   if (left_out.defined()) {  // the other channels' share of the next layer is known
-    const at::Tensor h = mixing_single_add(prog.ops[prog.next], left_out, a_o, st.o, K);
-    logits = run_dense(prog, prog.next + 1, n_ops, h, K).reshape({K, B, -1});
+    logits = dense_suffix(prog, left_out, a_o, st.o, K);
   } else {
     const at::Tensor d_a = a_o.reshape({K, B, -1}) - cur_o.reshape({1, B, -1});  // [K, B, w]
     const at::Tensor a_cur = run_dense(prog, 1, chain_end, zb, 1);  // overwrites zb
@@ -321,8 +331,7 @@ at::Tensor evaluate(const Backend& be, const Sweep& s, int64_t k, const at::Tens
     } else {
       const Op& mix = prog.ops[prog.next];
       const at::Tensor base = apply_dense(mix, a_cur, 1);  // [B, Cn, ...]
-      const at::Tensor h = mixing_single_add(mix, base, d_a.reshape(a_o.sizes()), st.o, K);
-      logits = run_dense(prog, prog.next + 1, n_ops, h, K).reshape({K, B, -1});
+      logits = dense_suffix(prog, base, d_a.reshape(a_o.sizes()), st.o, K);
     }
   }
   // The CUDA backend checks the labels against s.classes up front: keep the shape walk

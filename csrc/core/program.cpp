@@ -106,7 +106,36 @@ Program parse_program(at::IntArrayRef kinds, at::IntArrayRef params, at::ArrayRe
   return prog;
 }
 
+void fold_avg_pools(Program& prog) {
+  if (prog.dag) {  // a slot may hold the conv's output: keep every op as it is
+    return;
+  }
+  for (size_t i = 1; i + 1 < prog.ops.size(); ++i) {
+    Op& conv = prog.ops[i];
+    Op& pool = prog.ops[i + 1];
+    const int64_t P = pool.p[0];
+    if (conv.kind != OpKind::Conv || pool.kind != OpKind::AvgPool || conv.p[0] != 1 ||
+        conv.p[1] != 1 || P < 2 || pool.p[1] != P || pool.p[2] != 0) {
+      continue;
+    }
+    const at::Tensor& W = conv.t[0];
+    const int64_t kh = W.size(2), kw = W.size(3);
+    at::Tensor folded = at::zeros({W.size(0), W.size(1), kh + P - 1, kw + P - 1}, W.options());
+    for (int64_t a = 0; a < P; ++a) {
+      for (int64_t b = 0; b < P; ++b) {
+        folded.narrow(2, a, kh).narrow(3, b, kw).add_(W);
+      }
+    }
+    conv.t[0] = folded.div_(static_cast<double>(P * P));
+    conv.p[0] = conv.p[1] = P;
+    pool.p[0] = pool.p[1] = 1;
+  }
+}
+
 namespace {
+
+bool is_identity_pool(const Op& op) { return op.p[0] == 1 && op.p[1] == 1 && op.p[2] == 0; }
+
 std::atomic<bool> g_device_generic{false};
 std::string g_reduce_group;  // set and read by the one Python thread that drives a sweep
 
@@ -198,6 +227,9 @@ at::Tensor apply_dense(const Op& op, const at::Tensor& x, int64_t groups) {
     case OpKind::ReLU:
       return cpu::handles(x) ? cpu::relu(x, /*inplace=*/false) : at::relu(x);
     case OpKind::AvgPool:
+      if (is_identity_pool(op)) {  // a pool fold_avg_pools moved into the conv before it
+        return x;
+      }
       return cpu::handles(x) ? cpu::pool2d(op, x)
                              : at::avg_pool2d(x, {op.p[0], op.p[0]}, {op.p[1], op.p[1]},
                                               {op.p[2], op.p[2]});

@@ -82,6 +82,15 @@ Program parse_program(at::IntArrayRef kinds, at::IntArrayRef params, at::ArrayRe
                       const c10::List<std::optional<at::Tensor>>& tensors,
                       bool swept_first = true);
 
+// Folds every AvgPool2d (kernel = stride = P >= 2, no padding) that directly follows a
+// stride-1 Conv2d at op 1 or later of a sequential program into that conv: a conv with the
+// kernel averaged over the P x P window (kh + P - 1 taps a side) and stride P computes the
+// pooled output (the same sums, in another order: rounding aside, and floor mode included)
+// with a quarter of the outputs for P = 2 and without the full-resolution intermediate. The
+// pool becomes a 1 x 1 pool of stride 1, which the passes skip. Op 0, the swept layer, keeps
+// its weights (they change during a sweep); the others are fixed for a call.
+void fold_avg_pools(Program& prog);
+
 // One op over a batch made of `groups` equal groups of samples; BatchNorm with batch
 // statistics normalises each group with its own statistics (one group per candidate).
 at::Tensor apply_dense(const Op& op, const at::Tensor& x, int64_t groups);

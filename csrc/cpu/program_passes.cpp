@@ -188,21 +188,19 @@ __attribute__((always_inline)) inline void block8x8(const T* in, const int64_t* 
   }
 }
 
-// One sample of a single-input-channel convolution with stride 1 to Cn (a multiple of 8)
-// output channels, added to `base`: out[c] = base[c] + sum_taps wt[tap][c] * in shifted.
-// `pad` is the input plane zero-padded to [ph + h + ph, pw_] (pw_ covers 8-wide column
-// blocks past wo). Rows of at least 8 columns are covered by 8-wide blocks, the last one
-// overlapping its neighbour (both write the same values); narrower rows go through `tmp`
-// ([Cn, ho, 8]) so that the blocks never write past a row.
+// One sample of a single-input-channel convolution to Cn (a multiple of 8) output channels,
+// added to `base`: out[c] = base[c] + sum_taps wt[tap][c] * in at the tap. `pad` holds the
+// input as sh * sw phase planes (phase_planes), rows `pw_` apart, and toff[t] is tap t's
+// offset there, so that output (y, x) reads pad[y * pw_ + x + toff[t]] whatever the stride.
+// Rows of at least 8 columns are covered by 8-wide blocks, the last one overlapping its
+// neighbour (both write the same values); narrower rows go through `tmp` ([Cn, ho, 8]) so that
+// the blocks never write past a row.
 template <typename T>
 RSO_CPU_CLONES void conv1ch_add_sample(const ConvGeom& g, int64_t Cn, const T* pad, int64_t pw_,
-                                       const T* wt, const T* base, T* tmp, T* out) {
+                                       const int64_t* toff, const T* wt, const T* base, T* tmp,
+                                       T* out) {
   const int64_t taps = g.kh * g.kw;
   const int64_t plane = g.ho * g.wo;
-  int64_t toff[64];  // offset of each tap in the padded plane (taps <= 64, checked by the caller)
-  for (int64_t t = 0; t < taps; ++t) {
-    toff[t] = (t / g.kw) * pw_ + t % g.kw;
-  }
   if (g.wo >= 8) {
     for (int64_t cb = 0; cb < Cn; cb += 8) {
       for (int64_t y = 0; y < g.ho; ++y) {
@@ -383,11 +381,18 @@ at::Tensor mixing_single_add(const Op& op, const at::Tensor& base, const at::Ten
   const at::Tensor d = dx.contiguous();
   const at::Tensor bs = base.contiguous();
   at::Tensor out = at::empty({groups * B, Cn, g.ho, g.wo}, base.options());
-  if (g.sh == 1 && g.sw == 1 && Cn % 8 == 0 && kh * kw <= 64) {
-    // register-blocked: padded input plane and 8x8 (channel x column) accumulator blocks
-    const int64_t wo8 = std::max<int64_t>(g.wo, 8);   // columns the blocks read
-    const int64_t hp = g.h + 2 * g.ph;
-    const int64_t wp = std::max(g.w + 2 * g.pw, wo8 + g.kw - 1);
+  if (Cn % 8 == 0 && kh * kw <= 64) {
+    // register-blocked over phase planes: plane (a, b) holds the zero-padded input at rows
+    // a, a + sh, ... and columns b, b + sw, ..., so that every tap reads 8 consecutive values
+    // of one plane for 8 consecutive output columns (stride 1: one plane, the padded input)
+    const int64_t hq = g.ho + (kh - 1) / g.sh;                       // rows a plane needs
+    const int64_t wq = std::max<int64_t>(g.wo, 8) + (kw - 1) / g.sw;  // columns the blocks read
+    const int64_t phases = g.sh * g.sw;
+    int64_t toff[64];
+    for (int64_t t = 0; t < kh * kw; ++t) {
+      const int64_t ky = t / kw, kx = t % kw;
+      toff[t] = ((ky % g.sh) * g.sw + kx % g.sw) * hq * wq + (ky / g.sh) * wq + kx / g.sw;
+    }
     const at::Tensor wt = W.select(1, o).reshape({Cn, kh * kw}).t().contiguous();  // [taps, Cn]
     AT_DISPATCH_FLOATING_TYPES(base.scalar_type(), "rso mixing_single_add", [&] {
       const scalar_t* dp = d.const_data_ptr<scalar_t>();
@@ -396,13 +401,30 @@ at::Tensor mixing_single_add(const Op& op, const at::Tensor& base, const at::Ten
       scalar_t* yp = out.mutable_data_ptr<scalar_t>();
       const int64_t plane = Cn * g.ho * g.wo;
       at::parallel_for(0, groups * B, 4, [&](int64_t a, int64_t e) {
-        std::vector<scalar_t> pad(hp * wp), tmp(g.wo < 8 ? Cn * g.ho * 8 : 0);
+        std::vector<scalar_t> pad(phases * hq * wq), tmp(g.wo < 8 ? Cn * g.ho * 8 : 0);
         for (int64_t n = a; n < e; ++n) {
           const scalar_t* src = dp + n * g.h * g.w;
-          for (int64_t y = 0; y < g.h; ++y) {  // the interior only: the margins stay zero
-            std::copy(src + y * g.w, src + (y + 1) * g.w, pad.data() + (y + g.ph) * wp + g.pw);
+          // padded input (r, c) = src (r - ph, c - pw) goes to plane (r % sh, c % sw) at
+          // (r / sh, c / sw); the cells no input value reaches stay zero
+          for (int64_t y = 0; y < g.h; ++y) {
+            const int64_t r = y + g.ph;
+            if (r / g.sh >= hq) {
+              break;
+            }
+            scalar_t* rowp = pad.data() + (r % g.sh) * g.sw * hq * wq + (r / g.sh) * wq;
+            if (g.sw == 1) {
+              const int64_t n_cols = std::min(g.w, wq - g.pw);
+              std::copy(src + y * g.w, src + y * g.w + n_cols, rowp + g.pw);
+              continue;
+            }
+            for (int64_t x = 0; x < g.w; ++x) {
+              const int64_t c = x + g.pw;
+              if (c / g.sw < wq) {
+                rowp[(c % g.sw) * hq * wq + c / g.sw] = src[y * g.w + x];
+              }
+            }
           }
-          conv1ch_add_sample<scalar_t>(g, Cn, pad.data(), wp, wtp, bp + (n % B) * plane,
+          conv1ch_add_sample<scalar_t>(g, Cn, pad.data(), wq, toff, wtp, bp + (n % B) * plane,
                                        tmp.data(), yp + n * plane);
         }
       });
