@@ -261,8 +261,8 @@ namespace {
 // ops after it densely, each candidate with its own batch statistics.
 at::Tensor dense_suffix(const Program& prog, const at::Tensor& base, const at::Tensor& dx,
                         int64_t o, int64_t K) {
-  const at::Tensor h = mixing_single_add(prog.ops[prog.next], base, dx, o, K);
-  return run_dense(prog, prog.next + 1, static_cast<int64_t>(prog.ops.size()), h, K)
+  return single_add_then_dense(prog, prog.next, static_cast<int64_t>(prog.ops.size()), base,
+                               dx, o, K)
       .reshape({K, base.size(0), -1});
 }
 

@@ -315,6 +315,25 @@ at::Tensor mixing_single_add(const Op& op, const at::Tensor& base, const at::Ten
   return (corr.view(shape) + base.unsqueeze(0)).view(flat_shape);
 }
 
+at::Tensor single_add_then_dense(const Program& prog, int64_t i, int64_t end,
+                                 const at::Tensor& base, const at::Tensor& dx, int64_t o,
+                                 int64_t groups) {
+  const Op& mix = prog.ops[i];
+  const bool bn_next = i + 1 < end && prog.ops[i + 1].kind == OpKind::BatchNorm &&
+                       prog.ops[i + 1].p[0] == 1;
+  if (!bn_next || !cpu::handles(base) || !cpu::handles(dx)) {
+    return run_dense(prog, i + 1, end, mixing_single_add(mix, base, dx, o, groups), groups);
+  }
+  at::Tensor sums;
+  at::Tensor h = cpu::mixing_single_add(mix, base, dx, o, groups, &sums);
+  if (!sums.defined()) {
+    return run_dense(prog, i + 1, end, h, groups);
+  }
+  const bool relu = i + 2 < end && prog.ops[i + 2].kind == OpKind::ReLU;
+  h = cpu::batch_norm(prog.ops[i + 1], h, groups, -1, {}, {}, relu, /*inplace=*/true, sums);
+  return run_dense(prog, i + (relu ? 3 : 2), end, h, groups);
+}
+
 at::Tensor mixing_single(const Op& op, const at::Tensor& dx, int64_t o) {
   if (op.kind == OpKind::Conv) {
     // contiguous: a strided weight slice sends oneDNN down a slow reorder path every call

@@ -117,4 +117,12 @@ at::Tensor mixing_single(const Op& op, const at::Tensor& dx, int64_t o);
 at::Tensor mixing_single_add(const Op& op, const at::Tensor& base, const at::Tensor& dx,
                              int64_t o, int64_t groups);
 
+// mixing_single_add of the mixing op prog.ops[i], then ops i+1 .. end-1 densely (run_dense).
+// On the CPU a batch-statistics BatchNorm right after the mixing op takes its statistics from
+// the pass that writes the mixing op's output, which is then read once (normalised in place)
+// instead of twice.
+at::Tensor single_add_then_dense(const Program& prog, int64_t i, int64_t end,
+                                 const at::Tensor& base, const at::Tensor& dx, int64_t o,
+                                 int64_t groups);
+
 }  // namespace rso

@@ -4,6 +4,7 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <cstring>
 #include <cmath>
 #include <limits>
 #include <vector>
@@ -17,25 +18,35 @@ namespace cpu {
 
 template <typename T>
 RSO_CPU_CLONES void sums(const T* p, int64_t n, double& s1, double& s2) {
-  double a[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-  double q[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+  // explicit vectors of 8 doubles, two of each (GCC left the plain loop scalar: one
+  // conversion and one add per value); lane j of vector r sums the values 16 i + 8 r + j
+  typedef double d8 __attribute__((vector_size(64)));
+  typedef T t8 __attribute__((vector_size(8 * sizeof(T))));
+  d8 a0 = {}, a1 = {}, q0 = {}, q1 = {};
   int64_t i = 0;
-  for (; i + 8 <= n; i += 8) {
-    for (int j = 0; j < 8; ++j) {
-      const double v = static_cast<double>(p[i + j]);
-      a[j] += v;
-      q[j] += v * v;
-    }
+  for (; i + 16 <= n; i += 16) {
+    t8 x0, x1;
+    std::memcpy(&x0, p + i, sizeof(t8));
+    std::memcpy(&x1, p + i + 8, sizeof(t8));
+    const d8 v0 = __builtin_convertvector(x0, d8);
+    const d8 v1 = __builtin_convertvector(x1, d8);
+    a0 += v0;
+    q0 += v0 * v0;
+    a1 += v1;
+    q1 += v1 * v1;
+  }
+  double t1 = 0.0, t2 = 0.0;
+  for (int j = 0; j < 8; ++j) {
+    t1 += a0[j] + a1[j];
+    t2 += q0[j] + q1[j];
   }
   for (; i < n; ++i) {
     const double v = static_cast<double>(p[i]);
-    a[0] += v;
-    q[0] += v * v;
+    t1 += v;
+    t2 += v * v;
   }
-  for (int j = 0; j < 8; ++j) {
-    s1 += a[j];
-    s2 += q[j];
-  }
+  s1 += t1;
+  s2 += t2;
 }
 
 template void sums<float>(const float*, int64_t, double&, double&);
@@ -344,7 +355,7 @@ template void add_taps<float>(const ConvGeom&, const float*, const float*, int64
 template void add_taps<double>(const ConvGeom&, const double*, const double*, int64_t, double*);
 
 at::Tensor mixing_single_add(const Op& op, const at::Tensor& base, const at::Tensor& dx,
-                             int64_t o, int64_t groups) {
+                             int64_t o, int64_t groups, at::Tensor* plane_sums) {
   const int64_t B = base.size(0);
   if (op.kind == OpKind::Linear) {  // out[n, :] = base[n % B, :] + W[:, o*w : o*w+w] dx[n, :]
     const int64_t w = dx.size(1);
@@ -394,12 +405,18 @@ at::Tensor mixing_single_add(const Op& op, const at::Tensor& base, const at::Ten
       toff[t] = ((ky % g.sh) * g.sw + kx % g.sw) * hq * wq + (ky / g.sh) * wq + kx / g.sw;
     }
     const at::Tensor wt = W.select(1, o).reshape({Cn, kh * kw}).t().contiguous();  // [taps, Cn]
+    double* ps = nullptr;
+    if (plane_sums != nullptr) {
+      *plane_sums = at::empty({groups * B, Cn, 2}, base.options().dtype(at::kDouble));
+      ps = plane_sums->mutable_data_ptr<double>();
+    }
     AT_DISPATCH_FLOATING_TYPES(base.scalar_type(), "rso mixing_single_add", [&] {
       const scalar_t* dp = d.const_data_ptr<scalar_t>();
       const scalar_t* bp = bs.const_data_ptr<scalar_t>();
       const scalar_t* wtp = wt.const_data_ptr<scalar_t>();
       scalar_t* yp = out.mutable_data_ptr<scalar_t>();
-      const int64_t plane = Cn * g.ho * g.wo;
+      const int64_t hw = g.ho * g.wo;
+      const int64_t plane = Cn * hw;
       at::parallel_for(0, groups * B, 4, [&](int64_t a, int64_t e) {
         std::vector<scalar_t> pad(phases * hq * wq), tmp(g.wo < 8 ? Cn * g.ho * 8 : 0);
         for (int64_t n = a; n < e; ++n) {
@@ -426,6 +443,14 @@ at::Tensor mixing_single_add(const Op& op, const at::Tensor& base, const at::Ten
           }
           conv1ch_add_sample<scalar_t>(g, Cn, pad.data(), wq, toff, wtp, bp + (n % B) * plane,
                                        tmp.data(), yp + n * plane);
+          if (ps != nullptr) {  // the sample's planes, still in cache: their moments
+            for (int64_t c = 0; c < Cn; ++c) {
+              double s1 = 0.0, s2 = 0.0;
+              sums(yp + n * plane + c * hw, hw, s1, s2);
+              ps[(n * Cn + c) * 2] = s1;
+              ps[(n * Cn + c) * 2 + 1] = s2;
+            }
+          }
         }
       });
     });
@@ -489,7 +514,8 @@ bool handles(const at::Tensor& x) {
 }
 
 at::Tensor batch_norm(const Op& op, const at::Tensor& x, int64_t groups, int64_t o,
-                      const at::Tensor& gamma, const at::Tensor& beta, bool relu, bool inplace) {
+                      const at::Tensor& gamma, const at::Tensor& beta, bool relu, bool inplace,
+                      const at::Tensor& plane_sums) {
   const int64_t N = x.size(0), C = x.size(1);
   const int64_t B = N / groups;
   const int64_t HW = N * C == 0 ? 0 : x.numel() / (N * C);
@@ -508,6 +534,7 @@ at::Tensor batch_norm(const Op& op, const at::Tensor& x, int64_t groups, int64_t
       rm = op.t[2].contiguous().to(at::kDouble);
       rv = op.t[3].contiguous().to(at::kDouble);
     }
+    const double* ps = plane_sums.defined() ? plane_sums.const_data_ptr<double>() : nullptr;
     const int64_t grain = grain_for(2 * B * HW);
     at::parallel_for(0, groups * C, grain, [&](int64_t t0, int64_t t1) {
       for (int64_t t = t0; t < t1; ++t) {
@@ -516,8 +543,18 @@ at::Tensor batch_norm(const Op& op, const at::Tensor& x, int64_t groups, int64_t
         double mean, var;
         if (batch_stats) {
           double s1 = 0.0, s2 = 0.0;
-          for (int64_t b = 0; b < B; ++b) {
-            sums(xp + ((g * B + b) * C + c) * HW, HW, s1, s2);
+          if (ps != nullptr) {  // the planes' moments from the pass that wrote x
+            for (int64_t b = 0; b < B; ++b) {
+              s1 += ps[((g * B + b) * C + c) * 2];
+              s2 += ps[((g * B + b) * C + c) * 2 + 1];
+            }
+          } else {
+            for (int64_t b = 0; b < B; ++b) {
+              double p1 = 0.0, p2 = 0.0;
+              sums(xp + ((g * B + b) * C + c) * HW, HW, p1, p2);
+              s1 += p1;
+              s2 += p2;
+            }
           }
           const double n = static_cast<double>(B * HW);
           mean = s1 / n;

@@ -38,8 +38,11 @@ bool handles(const at::Tensor& x);
 // C channels. Single channel (`o` >= 0, C == 1): channel o's parameters, or per-group
 // `gamma` and/or `beta` [G] where defined (the candidates of a swept BatchNorm parameter).
 // `relu` applies a ReLU to the result in the same pass; `inplace` writes it over x.
+// `plane_sums`, when defined: float64 [G*B, C, 2], the sum and sum of squares of every plane
+// of x (mixing_single_add's), added up in sample order instead of reading x for them.
 at::Tensor batch_norm(const Op& op, const at::Tensor& x, int64_t groups, int64_t o,
-                      const at::Tensor& gamma, const at::Tensor& beta, bool relu, bool inplace);
+                      const at::Tensor& gamma, const at::Tensor& beta, bool relu, bool inplace,
+                      const at::Tensor& plane_sums = at::Tensor());
 
 at::Tensor relu(const at::Tensor& x, bool inplace);
 
@@ -71,8 +74,12 @@ void conv_one_output_rows(const ConvGeom& g, int64_t cin, const T* x, const int6
 // base [B, Cn, ...] is the layer's output for the shared state and dx [G*B, 1, h, w] (conv)
 // or [G*B, w] (linear) the change of channel o (its w features after Flatten) per sample
 // of each group; returns [G*B, Cn, ...] = base (for every group) + the change's share.
+// `plane_sums`, when given, receives the float64 [G*B, Cn, 2] sums and sums of squares of
+// the output's planes, taken while each sample's output is in cache, where the register-
+// blocked conv path writes it (left undefined otherwise): a BatchNorm next need not read
+// the output for its statistics.
 at::Tensor mixing_single_add(const Op& op, const at::Tensor& base, const at::Tensor& dx,
-                             int64_t o, int64_t groups);
+                             int64_t o, int64_t groups, at::Tensor* plane_sums = nullptr);
 
 // A Conv2d with one output channel over x [N, cin, h, w] (conv_one_output_rows;
 // oneDNN runs this shape at a few GMAC/s).
