@@ -244,12 +244,15 @@ def test_fixed_batchnorm_uses_running_statistics(name):
     torch.testing.assert_close(b, a, rtol=RTOL, atol=1e-7)
 
 
-@pytest.mark.parametrize("batch", [16, 2])
+@pytest.mark.parametrize("batch", [16, 2, 80])
 def test_z_cache_stays_exact_through_a_sweep(batch):
     # conv2 (3 input channels, 3x3) on a pool of 80: with B=16 every move updates z over the
     # pool; with B=2 recomputing the channel per minibatch is cheaper, so the sweep leaves
     # z[:, o] stale within a neuron and refreshes it when the neuron is done
-    # (csrc/core/fused.cpp, lazy_z_pays). Both must end exact.
+    # (csrc/core/fused.cpp, lazy_z_pays). With B=80 (the pool) a neuron of fc (4 weights) sees
+    # more samples than the pool holds: the CPU head moves a contiguous copy of z[:, o] and writes
+    # it back when the neuron or the call ends (head_sweep.cpp, store_column); the sweep is
+    # split in two calls inside a neuron. All must end exact.
     net = tiny_net(seed=5, bias=True)
     x, y = toy_data(80)
     calibrate(net, x)
@@ -263,7 +266,9 @@ def test_z_cache_stays_exact_through_a_sweep(batch):
         with search_mode(net, order, unit.position):
             sw = FusedSweeper(plan, unit)
             sw.begin(x, y)
-            accepted, _ = sw.run(0, unit.param.numel(), streams, 0.99)
+            n = unit.param.numel()
+            mid = 6 if n > 6 else n // 2    # fc.weight: inside its second neuron
+            accepted = sw.run(0, mid, streams, 0.99)[0] + sw.run(mid, n, streams, 0.99)[0]
             # conv2's bias is cancelled by its batch-statistics BatchNorm: its candidates tie
             # exactly and the decay steps alone move it (and z)
             assert accepted > 0 or unit.module is net.conv2 and unit.param_name == "bias"

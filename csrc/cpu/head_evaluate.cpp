@@ -140,7 +140,15 @@ bool HeadCpu<T>::pool_rest_losses(const Site& st, const double* d, int64_t K, co
       }
     });
     rest_o_ = o;
+    if (!lazy_ && (s_.kind == UnitKind::Bias || !x_cols_.empty())) {  // move() takes the column
+      col_.resize(static_cast<size_t>(N));
+      for (int64_t n = 0; n < N; ++n) {
+        col_[n] = z_[n * C + o];
+      }
+      col_o_ = o;
+    }
   }
+  const T* zo = col_o_ == o ? col_.data() : nullptr;
   const int64_t* target = s_.target.const_data_ptr<int64_t>();
   ly_.resize(static_cast<size_t>(B));
   aux_.resize(static_cast<size_t>(B));
@@ -150,7 +158,7 @@ bool HeadCpu<T>::pool_rest_losses(const Site& st, const double* d, int64_t K, co
   for (int64_t b = 0; b < B; ++b) {
     const int64_t n = idx[b], y = target[n];
     rest_b_[b] = rest_[n];
-    at_[b] = lazy_ ? fresh_[b] : z_[n * C + o];
+    at_[b] = lazy_ ? fresh_[b] : (zo != nullptr ? zo[n] : z_[n * C + o]);
     ly_[b] = y == o ? T(0) : z_[n * C + y];
     aux_[b] = y == o ? T(1) : T(0);
   }
@@ -158,9 +166,9 @@ bool HeadCpu<T>::pool_rest_losses(const Site& st, const double* d, int64_t K, co
     const T dk = static_cast<T>(d[k]);
     T* out = dt_.data() + k * B;
     for (int64_t b = 0; b < B; ++b) {
-      out[b] = s_.kind == UnitKind::Weight
-                   ? math::add_product(at_[b], dk, x_[idx[b] * s_.cin + st.c])
-                   : at_[b] + dk;
+      out[b] = s_.kind != UnitKind::Weight ? at_[b] + dk
+               : x_cols_.empty()             ? math::add_product(at_[b], dk, x_[idx[b] * s_.cin + st.c])
+                                             : math::add_product(at_[b], dk, x_cols_[st.c * N + idx[b]]);
     }
   }
   if (!all_finite(rest_b_.data(), B) || !all_finite(ly_.data(), B) ||
@@ -203,6 +211,9 @@ void HeadCpu<T>::evaluate(int64_t k, const T* vals, int64_t K, const int64_t* id
   }
   if (pool_rest_ && pool_rest_losses(st, d.data(), K, idx, B, res)) {
     return;
+  }
+  if (col_o_ >= 0) {  // the paths below read Z_d: give it the neuron's column back
+    store_column();
   }
   if (!s_.conv && !chain_has_batch_norm_) {
     layer_logits(st, d.data(), K, idx, B);

@@ -55,6 +55,16 @@ void HeadCpu<T>::sweep(Backend::SweepCall& call, int64_t k0, const at::Tensor& v
   const int64_t per_neuron = s_.kind == UnitKind::Weight ? s_.cin : 1;
   pool_rest_ = !s_.conv && chain_end_ == 1 && out_ == nullptr && s_.x.size(0) < B * per_neuron;
   rest_o_ = -1;
+  col_o_ = -1;
+  if (pool_rest_ && !lazy_ && s_.kind == UnitKind::Weight) {
+    const int64_t N = s_.x.size(0), cin = s_.cin;
+    x_cols_.resize(static_cast<size_t>(cin * N));
+    for (int64_t n = 0; n < N; ++n) {
+      for (int64_t c = 0; c < cin; ++c) {
+        x_cols_[c * N + n] = x_[n * cin + c];
+      }
+    }
+  }
   const T* v = vals.const_data_ptr<T>();
   const int64_t* ix = idx.const_data_ptr<int64_t>();
   double* losses = call.losses.mutable_data_ptr<double>();
@@ -74,8 +84,12 @@ void HeadCpu<T>::sweep(Backend::SweepCall& call, int64_t k0, const at::Tensor& v
         move(st, static_cast<T>(param[k] - old));
       }
     }
-    if (lazy_ && (j < 0 || i == m - 1 || site_of(s_, k + 1).o != st.o)) {
+    const bool neuron_ends = j < 0 || i == m - 1 || site_of(s_, k + 1).o != st.o;
+    if (lazy_ && neuron_ends) {
       refresh(st.o);
+    }
+    if (col_o_ >= 0 && neuron_ends) {
+      store_column();
     }
     if (j < 0) {
       return;
@@ -84,7 +98,32 @@ void HeadCpu<T>::sweep(Backend::SweepCall& call, int64_t k0, const at::Tensor& v
 }
 
 template <typename T>
+void HeadCpu<T>::store_column() {
+  T* z = s_.z.mutable_data_ptr<T>();
+  const int64_t N = s_.x.size(0);
+  for (int64_t n = 0; n < N; ++n) {
+    z[n * C_ + col_o_] = col_[n];
+  }
+  col_o_ = -1;
+}
+
+template <typename T>
 void HeadCpu<T>::move(const Site& st, T d) {
+  if (col_o_ == st.o) {  // the same sums as apply_move_cpu, on the neuron's column
+    const int64_t N = s_.x.size(0);
+    T* col = col_.data();
+    if (s_.kind == UnitKind::Bias) {
+      for (int64_t n = 0; n < N; ++n) {
+        col[n] += d;
+      }
+    } else {
+      const T* xc = x_cols_.data() + st.c * N;
+      for (int64_t n = 0; n < N; ++n) {
+        col[n] = math::add_product(col[n], d, xc[n]);
+      }
+    }
+    return;
+  }
   if (pool_m_.empty()) {
     apply_move_cpu<T>(s_, st, d);
     return;
@@ -149,12 +188,14 @@ template void HeadCpu<float>::move(const Site&, float);
 template void HeadCpu<float>::recompute(int64_t, const int64_t*, int64_t, float*, int64_t) const;
 template void HeadCpu<float>::refresh(int64_t);
 template void HeadCpu<float>::build_pool_moments();
+template void HeadCpu<float>::store_column();
 template void HeadCpu<double>::sweep(Backend::SweepCall&, int64_t, const at::Tensor&,
                                      const at::Tensor&);
 template void HeadCpu<double>::move(const Site&, double);
 template void HeadCpu<double>::recompute(int64_t, const int64_t*, int64_t, double*, int64_t) const;
 template void HeadCpu<double>::refresh(int64_t);
 template void HeadCpu<double>::build_pool_moments();
+template void HeadCpu<double>::store_column();
 
 }  // namespace fused
 }  // namespace rso
