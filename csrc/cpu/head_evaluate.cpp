@@ -140,7 +140,7 @@ bool HeadCpu<T>::pool_rest_losses(const Site& st, const double* d, int64_t K, co
       }
     });
     rest_o_ = o;
-    if (!lazy_ && (s_.kind == UnitKind::Bias || !x_cols_.empty())) {  // move() takes the column
+    if (!lazy_ && (s_.kind == UnitKind::Bias || !x_cols_.empty())) {  // moves take the column
       col_.resize(static_cast<size_t>(N));
       for (int64_t n = 0; n < N; ++n) {
         col_[n] = z_[n * C + o];

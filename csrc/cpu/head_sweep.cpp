@@ -56,7 +56,8 @@ void HeadCpu<T>::sweep(Backend::SweepCall& call, int64_t k0, const at::Tensor& v
   pool_rest_ = !s_.conv && chain_end_ == 1 && out_ == nullptr && s_.x.size(0) < B * per_neuron;
   rest_o_ = -1;
   col_o_ = -1;
-  if (pool_rest_ && !lazy_ && s_.kind == UnitKind::Weight) {
+  if (pool_rest_ && !lazy_ && s_.kind == UnitKind::Weight && m >= s_.cin) {
+    // (the transpose costs what cin strided moves do: it pays from a neuron's worth of weights)
     const int64_t N = s_.x.size(0), cin = s_.cin;
     x_cols_.resize(static_cast<size_t>(cin * N));
     for (int64_t n = 0; n < N; ++n) {
