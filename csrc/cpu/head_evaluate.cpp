@@ -140,13 +140,6 @@ bool HeadCpu<T>::pool_rest_losses(const Site& st, const double* d, int64_t K, co
       }
     });
     rest_o_ = o;
-    if (!lazy_ && (s_.kind == UnitKind::Bias || !x_cols_.empty())) {  // moves take the column
-      col_.resize(static_cast<size_t>(N));
-      for (int64_t n = 0; n < N; ++n) {
-        col_[n] = z_[n * C + o];
-      }
-      col_o_ = o;
-    }
   }
   const T* zo = col_o_ == o ? col_.data() : nullptr;
   const int64_t* target = s_.target.const_data_ptr<int64_t>();
@@ -212,7 +205,7 @@ void HeadCpu<T>::evaluate(int64_t k, const T* vals, int64_t K, const int64_t* id
   if (pool_rest_ && pool_rest_losses(st, d.data(), K, idx, B, res)) {
     return;
   }
-  if (col_o_ >= 0) {  // the paths below read Z_d: give it the neuron's column back
+  if (col_o_ >= 0 && !s_.conv) {  // the linear paths below read Z_d: give it the column back
     store_column();
   }
   if (!s_.conv && !chain_has_batch_norm_) {

@@ -139,11 +139,13 @@ class HeadCpu final : public Head {
   int64_t rest_o_ = -1;             // the neuron rest_ holds
   std::vector<T> rest_;             // [N]: log-sum-exp of the logits but rest_o_
   std::vector<T> rest_b_;           // [B]: rest_ of the minibatch
-  // pool_rest_losses' columns: X_d transposed [cin][N] (a weight's input over the pool in one
-  // run of memory), and Z_d[:, col_o_] [N], which moves take in place of Z_d's strided
-  // column while neuron col_o_ is swept (store_column writes it back when the neuron ends)
+  // X_d transposed [cin][N][h*w] (an input channel over the pool in one run of memory), and
+  // Z_d[:, col_o_] [N][ho*wo], which moves update in place of Z_d's strided channel while
+  // neuron col_o_ is swept: load_column copies it out, store_column writes it back when the
+  // neuron (or the call) ends
   std::vector<T> x_cols_, col_;
   int64_t col_o_ = -1;
+  void load_column(int64_t o);
   void store_column();
 };
 

@@ -187,9 +187,13 @@ void HeadCpu<T>::chain_logits(const Site& st, const T* vals, const double* d, in
         candidate_moments(st, b0, b1, idx, [&](int64_t b) { return fresh_.data() + b * hw_; },
                           d, K, B);
       } else {
+        const T* col = col_o_ == o ? col_.data() : nullptr;  // the neuron's column, if moved
         candidate_moments(st, b0, b1, idx,
-                          [&](int64_t b) { return z_ + (idx[b] * C_ + o) * hw_; }, d,
-                          K, B);
+                          [&](int64_t b) {
+                            return col != nullptr ? col + idx[b] * hw_
+                                                  : z_ + (idx[b] * C_ + o) * hw_;
+                          },
+                          d, K, B);
       }
     }
   });

@@ -55,17 +55,26 @@ void HeadCpu<T>::sweep(Backend::SweepCall& call, int64_t k0, const at::Tensor& v
   const int64_t per_neuron = s_.kind == UnitKind::Weight ? s_.cin : 1;
   pool_rest_ = !s_.conv && chain_end_ == 1 && out_ == nullptr && s_.x.size(0) < B * per_neuron;
   rest_o_ = -1;
+  // Moves of a neuron's weights update a contiguous copy of Z_d[:, o] (load_column) read
+  // from X_d transposed, instead of planes strided through both caches; the transpose
+  // costs about what a neuron's strided moves do, so calls of fewer weights skip it.
   col_o_ = -1;
-  if (pool_rest_ && !lazy_ && s_.kind == UnitKind::Weight && m >= s_.cin) {
-    // (the transpose costs what cin strided moves do: it pays from a neuron's worth of weights)
-    const int64_t N = s_.x.size(0), cin = s_.cin;
-    x_cols_.resize(static_cast<size_t>(cin * N));
-    for (int64_t n = 0; n < N; ++n) {
-      for (int64_t c = 0; c < cin; ++c) {
-        x_cols_[c * N + n] = x_[n * cin + c];
+  x_cols_.clear();
+  const int64_t fan_in = s_.cin * s_.kh * s_.kw;
+  if ((pool_rest_ || s_.conv) && !lazy_ && s_.kind == UnitKind::Weight && m >= fan_in) {
+    const int64_t N = s_.x.size(0), cin = s_.cin, plane = s_.h * s_.w;
+    x_cols_.resize(static_cast<size_t>(cin * N * plane));
+    at::parallel_for(0, cin, 1, [&](int64_t c0, int64_t c1) {
+      for (int64_t c = c0; c < c1; ++c) {
+        for (int64_t n = 0; n < N; ++n) {
+          std::copy(x_ + (n * cin + c) * plane, x_ + (n * cin + c + 1) * plane,
+                    x_cols_.data() + (c * N + n) * plane);
+        }
       }
-    }
+    });
   }
+  const bool columns = (pool_rest_ || s_.conv) && !lazy_ &&
+                       (s_.kind == UnitKind::Bias || !x_cols_.empty());
   const T* v = vals.const_data_ptr<T>();
   const int64_t* ix = idx.const_data_ptr<int64_t>();
   double* losses = call.losses.mutable_data_ptr<double>();
@@ -74,6 +83,9 @@ void HeadCpu<T>::sweep(Backend::SweepCall& call, int64_t k0, const at::Tensor& v
   for (int64_t i = 0; i < m; ++i) {
     const int64_t k = k0 + i;
     const Site st = site_of(s_, k);
+    if (columns && col_o_ != st.o) {
+      load_column(st.o);
+    }
     double* l = losses + i * K;
     evaluate(k, v + i * K, K, ix + i * B, B, l);
     const int64_t j = math::sweep_decision(l, K);
@@ -99,30 +111,52 @@ void HeadCpu<T>::sweep(Backend::SweepCall& call, int64_t k0, const at::Tensor& v
 }
 
 template <typename T>
+void HeadCpu<T>::load_column(int64_t o) {
+  const int64_t N = s_.x.size(0);
+  col_.resize(static_cast<size_t>(N * hw_));
+  for (int64_t n = 0; n < N; ++n) {
+    std::copy(z_ + (n * C_ + o) * hw_, z_ + (n * C_ + o + 1) * hw_, col_.data() + n * hw_);
+  }
+  col_o_ = o;
+}
+
+template <typename T>
 void HeadCpu<T>::store_column() {
   T* z = s_.z.mutable_data_ptr<T>();
   const int64_t N = s_.x.size(0);
   for (int64_t n = 0; n < N; ++n) {
-    z[n * C_ + col_o_] = col_[n];
+    std::copy(col_.data() + n * hw_, col_.data() + (n + 1) * hw_, z + (n * C_ + col_o_) * hw_);
   }
   col_o_ = -1;
 }
 
 template <typename T>
 void HeadCpu<T>::move(const Site& st, T d) {
-  if (col_o_ == st.o) {  // the same sums as apply_move_cpu, on the neuron's column
-    const int64_t N = s_.x.size(0);
-    T* col = col_.data();
-    if (s_.kind == UnitKind::Bias) {
-      for (int64_t n = 0; n < N; ++n) {
-        col[n] += d;
-      }
-    } else {
-      const T* xc = x_cols_.data() + st.c * N;
-      for (int64_t n = 0; n < N; ++n) {
-        col[n] = math::add_product(col[n], d, xc[n]);
-      }
+  if (col_o_ == st.o) {  // apply_move_cpu's sums, on the neuron's column
+    if (d == T(0)) {
+      return;
     }
+    const int64_t N = s_.x.size(0), plane = s_.h * s_.w;
+    const T* xc = x_cols_.data();
+    at::parallel_for(0, N, cpu::grain_for(hw_), [&](int64_t n0, int64_t n1) {
+      for (int64_t n = n0; n < n1; ++n) {
+        T* zrow = col_.data() + n * hw_;
+        if (s_.kind == UnitKind::Bias) {
+          for (int64_t j = 0; j < hw_; ++j) {
+            zrow[j] += d;
+          }
+        } else if (!s_.conv) {
+          zrow[0] = math::add_product(zrow[0], d, xc[st.c * N + n]);
+        } else {
+          for_each_tap_input(s_, st, xc + (st.c * N + n) * plane, [&](int64_t j, T v) {
+            zrow[j] = math::add_product(zrow[j], d, v);
+          });
+        }
+        if (!pool_m_.empty()) {
+          row_moments(zrow, hw_, pool_m_[n * C_ + st.o], pool_q_[n * C_ + st.o]);
+        }
+      }
+    });
     return;
   }
   if (pool_m_.empty()) {
@@ -190,6 +224,7 @@ template void HeadCpu<float>::recompute(int64_t, const int64_t*, int64_t, float*
 template void HeadCpu<float>::refresh(int64_t);
 template void HeadCpu<float>::build_pool_moments();
 template void HeadCpu<float>::store_column();
+template void HeadCpu<float>::load_column(int64_t);
 template void HeadCpu<double>::sweep(Backend::SweepCall&, int64_t, const at::Tensor&,
                                      const at::Tensor&);
 template void HeadCpu<double>::move(const Site&, double);
@@ -197,6 +232,7 @@ template void HeadCpu<double>::recompute(int64_t, const int64_t*, int64_t, doubl
 template void HeadCpu<double>::refresh(int64_t);
 template void HeadCpu<double>::build_pool_moments();
 template void HeadCpu<double>::store_column();
+template void HeadCpu<double>::load_column(int64_t);
 
 }  // namespace fused
 }  // namespace rso
