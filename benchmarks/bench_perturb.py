@@ -312,7 +312,9 @@ def main(argv=None) -> int:
     if args.data_root in ("", "embedded"):
         args.data_root = None
     splits = load_splits(root=args.data_root)
-    data_desc = args.data_root or "embedded MNIST subset"
+    data_desc = ("$RSO_EXT_MNIST_ROOT (the full MNIST)"
+                 if args.data_root and args.data_root == default_data_root()
+                 else args.data_root or "embedded MNIST subset")
     full_n = len(splits.train_x)
     n = args.train_size or (min(full_n, max(2048, 2 * args.batch_size)) if args.quick else full_n)
     n = min(n, full_n)
