@@ -45,8 +45,8 @@ def fused_sweep_estimate(trace: Sequence[ModuleFootprint], owner_module: nn.Modu
                          state_bytes: int = 0) -> tuple[int, str]:
     """(bytes, description) of a ``backend="fused"`` sweep whose swept layer (the conv/linear
     that owns the unit) is ``owner_module``: its input ``X_d`` and pre-activation ``Z_d`` cached
-    for the whole pool (each counted twice: chunks and their concatenation coexist while they are
-    built), and per minibatch the gathered rows plus the dense suffix run on all ``candidates``
+    for the whole pool (filled chunk by chunk, plus one chunk's temporaries, counted with the
+    minibatch's), and per minibatch the gathered rows plus the dense suffix run on all ``candidates``
     at once. A residual network's sweep (:mod:`.lower_graph`) also caches its side inputs,
     ``side_bytes`` per sample (counted as X_d is), and keeps values of ``saved_bytes`` per
     sample for later adds while a minibatch is evaluated (counted for every candidate); a
@@ -56,7 +56,7 @@ def fused_sweep_estimate(trace: Sequence[ModuleFootprint], owner_module: nn.Modu
     suffix = list(trace[start:]) or list(trace)
     x_d, z_d = suffix[0].in_bytes, suffix[0].out_bytes
     peak = max((f.in_bytes + f.out_bytes for f in suffix), default=0)
-    cache = 2 * (x_d + z_d + side_bytes)
+    cache = x_d + z_d + side_bytes
     per_batch = x_d + z_d + side_bytes + candidates * (peak + saved_bytes)
     total = estimate_sweep_bytes(pool_size, batch_size, cache, per_batch, state_bytes)
     cached = "cached X_d, Z_d" + (" and side inputs" if side_bytes else "")
@@ -72,6 +72,17 @@ def _across_ranks():
     if not distributed.active():
         return contextlib.nullcontext()
     return ops.reduce_across(torch.distributed.group.WORLD.group_name)
+
+
+def _into(out: Optional[torch.Tensor], h: torch.Tensor, start: int, n: int) -> torch.Tensor:
+    """Rows ``start ..`` of a cache of ``n`` rows (allocated at the first chunk) set to the chunk
+    ``h``. Filling one tensor chunk by chunk, rather than concatenating kept chunks, touches the
+    cache's memory once: on the full MNIST pool, the caches and stash of a paper_mnist sweep are
+    gigabytes, and their first touch (page faults) cost as much as the forward that fills them."""
+    if out is None:
+        out = h.new_empty((n, *h.shape[1:]))
+    out[start:start + len(h)].copy_(h)
+    return out
 
 
 def _staged(t: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -178,13 +189,13 @@ class FusedSweeper:
                 z = old["z"]
         del old    # outdated caches are freed before they are rebuilt
         if values is None:
-            parts: dict[int, list[torch.Tensor]] = {n: [] for n in wanted}
+            filled: dict[int, Optional[torch.Tensor]] = {n: None for n in wanted if n >= 0}
             for s in range(0, len(x), self.chunk):
                 for n, v in self.plan.values(x[s:s + self.chunk], wanted).items():
-                    parts[n].append(v)
-            values = {n: (x.contiguous() if n < 0 else torch.cat(p).contiguous())
-                      for n, p in parts.items()}
-            del parts
+                    if n >= 0:
+                        filled[n] = _into(filled[n], v, s, len(x))
+            values = {n: (x.contiguous() if n < 0 else filled[n]) for n in wanted}
+            del filled
         self.x = values[x_node]
         self.z = z if z is not None else self._chunked(layer, self.x)
         self.prog = prog.with_sides(values)
@@ -214,18 +225,17 @@ class FusedSweeper:
             stops = sorted(self.plan.stash_points(start))
         bounds = stops + [start]
         runs = [self._forward(a, b) for a, b in zip([0] + bounds[:-1], bounds)]
-        parts: list[list[torch.Tensor]] = [[] for _ in bounds]
+        outs: list[Optional[torch.Tensor]] = [None] * len(bounds)
         for s in range(0, len(x), self.chunk):
             h = x[s:s + self.chunk]
-            for run, out in zip(runs, parts):
+            for j, run in enumerate(runs):
                 h = run(h)
-                out.append(h)
+                outs[j] = _into(outs[j], h, s, len(x))
         children = [s.module for s in self.plan.steps]
-        for b, out in zip(stops, parts):
+        for b, out in zip(stops, outs):
             self.store.stash[b] = dict(key=(x, x._version), prefix=_snapshot(children[:b]),
-                                       x=torch.cat(out).contiguous())
-            out.clear()    # one stash entry at a time holds its chunks twice
-        return torch.cat(parts[-1]).contiguous()
+                                       x=out)
+        return outs[-1]
 
     def _forward(self, begin: int, stop: int) -> Callable[[torch.Tensor], torch.Tensor]:
         """Children ``begin .. stop-1`` as one function: the compiled program forward on the
@@ -243,8 +253,10 @@ class FusedSweeper:
         return run
 
     def _chunked(self, f: Callable, x: torch.Tensor) -> torch.Tensor:
-        parts = [f(x[s:s + self.chunk]) for s in range(0, len(x), self.chunk)]
-        return torch.cat(parts).contiguous()
+        out = None
+        for s in range(0, len(x), self.chunk):
+            out = _into(out, f(x[s:s + self.chunk]), s, len(x))
+        return out
 
     def end(self) -> None:
         """Drop the caches, or hand them to the store with the state they are exact for.
