@@ -252,7 +252,7 @@ at::Tensor apply_dense(const Op& op, const at::Tensor& x, int64_t groups) {
 }
 
 at::Tensor run_dense(const Program& prog, int64_t begin, int64_t end, at::Tensor x,
-                     int64_t groups) {
+                     int64_t groups, const at::Tensor& plane_sums) {
   for (int64_t i = begin; i < end; ++i) {
     const Op& op = prog.ops[i];
     if (cpu::handles(x) && (op.kind == OpKind::BatchNorm || op.kind == OpKind::ReLU)) {
@@ -261,7 +261,8 @@ at::Tensor run_dense(const Program& prog, int64_t begin, int64_t end, at::Tensor
         continue;
       }
       const bool relu = i + 1 < end && prog.ops[i + 1].kind == OpKind::ReLU;
-      x = cpu::batch_norm(op, x, groups, -1, {}, {}, relu, /*inplace=*/true);
+      x = cpu::batch_norm(op, x, groups, -1, {}, {}, relu, /*inplace=*/true,
+                          i == begin ? plane_sums : at::Tensor());
       i += relu ? 1 : 0;
       continue;
     }
@@ -318,20 +319,15 @@ at::Tensor mixing_single_add(const Op& op, const at::Tensor& base, const at::Ten
 at::Tensor single_add_then_dense(const Program& prog, int64_t i, int64_t end,
                                  const at::Tensor& base, const at::Tensor& dx, int64_t o,
                                  int64_t groups) {
-  const Op& mix = prog.ops[i];
   const bool bn_next = i + 1 < end && prog.ops[i + 1].kind == OpKind::BatchNorm &&
                        prog.ops[i + 1].p[0] == 1;
   if (!bn_next || !cpu::handles(base) || !cpu::handles(dx)) {
-    return run_dense(prog, i + 1, end, mixing_single_add(mix, base, dx, o, groups), groups);
+    return run_dense(prog, i + 1, end, mixing_single_add(prog.ops[i], base, dx, o, groups),
+                     groups);
   }
-  at::Tensor sums;
-  at::Tensor h = cpu::mixing_single_add(mix, base, dx, o, groups, &sums);
-  if (!sums.defined()) {
-    return run_dense(prog, i + 1, end, h, groups);
-  }
-  const bool relu = i + 2 < end && prog.ops[i + 2].kind == OpKind::ReLU;
-  h = cpu::batch_norm(prog.ops[i + 1], h, groups, -1, {}, {}, relu, /*inplace=*/true, sums);
-  return run_dense(prog, i + (relu ? 3 : 2), end, h, groups);
+  at::Tensor sums;  // stays undefined where the CPU pass does not take them
+  at::Tensor h = cpu::mixing_single_add(prog.ops[i], base, dx, o, groups, &sums);
+  return run_dense(prog, i + 1, end, h, groups, sums);
 }
 
 at::Tensor mixing_single(const Op& op, const at::Tensor& dx, int64_t o) {

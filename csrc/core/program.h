@@ -97,9 +97,10 @@ at::Tensor apply_dense(const Op& op, const at::Tensor& x, int64_t groups);
 
 // Ops [begin, end) of `prog` densely over `x`, as apply_dense one after the other; `x` is a
 // temporary of the caller's, which the CPU passes may overwrite (a BatchNorm followed by a
-// ReLU is then one pass in place).
+// ReLU is then one pass in place). `plane_sums`, when defined (cpu::mixing_single_add's), are
+// the per-plane sums of `x` that a BatchNorm at `begin` takes for its statistics on the CPU.
 at::Tensor run_dense(const Program& prog, int64_t begin, int64_t end, at::Tensor x,
-                     int64_t groups);
+                     int64_t groups, const at::Tensor& plane_sums = at::Tensor());
 
 // The same op on channel `o` alone: `x` is [G*B, 1, ...] (or [G*B, w] after Flatten), G
 // groups. A BatchNorm takes channel o's parameters, or per-group `gamma`/`beta` [G] when

@@ -49,28 +49,45 @@ inline void for_each_tap_input(const Sweep& s, const Site& st, const T* xp, cons
   }
 }
 
-// Z[:, o] += d * (the input the moved entry multiplies), over the whole pool; then
+// Where a move finds each pool sample n's channel o of Z_d (z + n * z_step: ho*wo values) and
+// the input channel c it multiplies (x + n * x_step: h*w values, one for a linear layer):
+// in the caches themselves (cache_rows), or in copies laid out by channel (the CPU head's).
+template <typename T>
+struct MoveRows {
+  T* z;
+  int64_t z_step;
+  const T* x;
+  int64_t x_step;
+};
+
+template <typename T>
+MoveRows<T> cache_rows(const Sweep& s, const Site& st) {
+  return {s.z.mutable_data_ptr<T>() + st.o * s.ho * s.wo, s.cout * s.ho * s.wo,
+          s.x.const_data_ptr<T>() + st.c * s.h * s.w, s.cin * s.h * s.w};
+}
+
+// Z[:, o] += d * (the input the moved entry multiplies), over the whole pool, in `rows`; then
 // after_row(n, zrow) for every sample n whose channel o was visited (zrow: its ho*wo values).
 template <typename T, typename AfterRow>
-void apply_move_cpu(const Sweep& s, const Site& st, T d, const AfterRow& after_row) {
+void apply_move_cpu(const Sweep& s, const Site& st, T d, const MoveRows<T>& rows,
+                    const AfterRow& after_row) {
   if (s.kind == UnitKind::Gamma || s.kind == UnitKind::Beta || d == T(0)) {
     return;
   }
-  T* z = s.z.mutable_data_ptr<T>();
-  const T* x = s.x.const_data_ptr<T>();
   const int64_t hwo = s.ho * s.wo;
   const int64_t N = s.x.size(0);
   at::parallel_for(0, N, cpu::grain_for(hwo), [&](int64_t n0, int64_t n1) {
     for (int64_t n = n0; n < n1; ++n) {
-      T* zrow = z + (n * s.cout + st.o) * hwo;
+      T* zrow = rows.z + n * rows.z_step;
+      const T* xrow = rows.x + n * rows.x_step;
       if (s.kind == UnitKind::Bias) {
         for (int64_t j = 0; j < hwo; ++j) {
           zrow[j] += d;
         }
       } else if (!s.conv) {
-        zrow[0] = math::add_product(zrow[0], d, x[n * s.cin + st.c]);
+        zrow[0] = math::add_product(zrow[0], d, xrow[0]);
       } else {
-        for_each_tap_input(s, st, x + (n * s.cin + st.c) * s.h * s.w, [&](int64_t j, T v) {
+        for_each_tap_input(s, st, xrow, [&](int64_t j, T v) {
           zrow[j] = math::add_product(zrow[j], d, v);
         });
       }
@@ -81,7 +98,7 @@ void apply_move_cpu(const Sweep& s, const Site& st, T d, const AfterRow& after_r
 
 template <typename T>
 void apply_move_cpu(const Sweep& s, const Site& st, T d) {
-  apply_move_cpu<T>(s, st, d, [](int64_t, const T*) {});
+  apply_move_cpu<T>(s, st, d, cache_rows<T>(s, st), [](int64_t, const T*) {});
 }
 
 }  // namespace fused

@@ -132,39 +132,22 @@ void HeadCpu<T>::store_column() {
 
 template <typename T>
 void HeadCpu<T>::move(const Site& st, T d) {
-  if (col_o_ == st.o) {  // apply_move_cpu's sums, on the neuron's column
-    if (d == T(0)) {
-      return;
+  // while the neuron's column is out (load_column), the move updates it, reading X_d
+  // transposed where a weight's move reads an input
+  MoveRows<T> rows = cache_rows<T>(s_, st);
+  if (col_o_ == st.o) {
+    rows.z = col_.data();
+    rows.z_step = hw_;
+    if (!x_cols_.empty()) {
+      const int64_t plane = s_.h * s_.w;
+      rows.x = x_cols_.data() + st.c * s_.x.size(0) * plane;
+      rows.x_step = plane;
     }
-    const int64_t N = s_.x.size(0), plane = s_.h * s_.w;
-    const T* xc = x_cols_.data();
-    at::parallel_for(0, N, cpu::grain_for(hw_), [&](int64_t n0, int64_t n1) {
-      for (int64_t n = n0; n < n1; ++n) {
-        T* zrow = col_.data() + n * hw_;
-        if (s_.kind == UnitKind::Bias) {
-          for (int64_t j = 0; j < hw_; ++j) {
-            zrow[j] += d;
-          }
-        } else if (!s_.conv) {
-          zrow[0] = math::add_product(zrow[0], d, xc[st.c * N + n]);
-        } else {
-          for_each_tap_input(s_, st, xc + (st.c * N + n) * plane, [&](int64_t j, T v) {
-            zrow[j] = math::add_product(zrow[j], d, v);
-          });
-        }
-        if (!pool_m_.empty()) {
-          row_moments(zrow, hw_, pool_m_[n * C_ + st.o], pool_q_[n * C_ + st.o]);
-        }
-      }
-    });
-    return;
   }
-  if (pool_m_.empty()) {
-    apply_move_cpu<T>(s_, st, d);
-    return;
-  }
-  apply_move_cpu<T>(s_, st, d, [&](int64_t n, const T* zrow) {
-    row_moments(zrow, hw_, pool_m_[n * C_ + st.o], pool_q_[n * C_ + st.o]);
+  apply_move_cpu<T>(s_, st, d, rows, [&](int64_t n, const T* zrow) {
+    if (!pool_m_.empty()) {
+      row_moments(zrow, hw_, pool_m_[n * C_ + st.o], pool_q_[n * C_ + st.o]);
+    }
   });
 }
 
