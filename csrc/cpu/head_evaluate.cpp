@@ -148,20 +148,30 @@ bool HeadCpu<T>::pool_rest_losses(const Site& st, const double* d, int64_t K, co
   rest_b_.resize(static_cast<size_t>(B));
   dt_.resize(static_cast<size_t>(K * B));
   at_.resize(static_cast<size_t>(B));   // logit o now
+  // the input the entry multiplies, per sample (1 for a bias)
+  xin_.resize(static_cast<size_t>(B));
+  const bool weight = s_.kind == UnitKind::Weight;
+  const T* xc = x_cols_.empty() ? x_ + st.c : x_cols_.data() + st.c * N;
+  const int64_t xstep = x_cols_.empty() ? s_.cin : 1;
   for (int64_t b = 0; b < B; ++b) {
     const int64_t n = idx[b], y = target[n];
     rest_b_[b] = rest_[n];
     at_[b] = lazy_ ? fresh_[b] : (zo != nullptr ? zo[n] : z_[n * C + o]);
     ly_[b] = y == o ? T(0) : z_[n * C + y];
     aux_[b] = y == o ? T(1) : T(0);
+    xin_[b] = weight ? xc[n * xstep] : T(1);
   }
   for (int64_t k = 0; k < K; ++k) {
     const T dk = static_cast<T>(d[k]);
     T* out = dt_.data() + k * B;
-    for (int64_t b = 0; b < B; ++b) {
-      out[b] = s_.kind != UnitKind::Weight ? at_[b] + dk
-               : x_cols_.empty()             ? math::add_product(at_[b], dk, x_[idx[b] * s_.cin + st.c])
-                                             : math::add_product(at_[b], dk, x_cols_[st.c * N + idx[b]]);
+    if (weight) {
+      for (int64_t b = 0; b < B; ++b) {
+        out[b] = math::add_product(at_[b], dk, xin_[b]);
+      }
+    } else {
+      for (int64_t b = 0; b < B; ++b) {
+        out[b] = at_[b] + dk;
+      }
     }
   }
   if (!all_finite(rest_b_.data(), B) || !all_finite(ly_.data(), B) ||
@@ -172,11 +182,7 @@ bool HeadCpu<T>::pool_rest_losses(const Site& st, const double* d, int64_t K, co
   for (int64_t k = 0; k < K; ++k) {
     moved_logit_ce<T>(rest_b_.data(), dt_.data() + k * B, ly_.data(), aux_.data(), B,
                       ce_.data() + k * B);
-    double sum = 0.0;
-    for (int64_t b = 0; b < B; ++b) {
-      sum += static_cast<double>(ce_[k * B + b]);
-    }
-    res[k] = sum;
+    res[k] = sum_as_double(ce_.data() + k * B, B);
   }
   return true;
 }
@@ -267,11 +273,7 @@ void HeadCpu<T>::evaluate(int64_t k, const T* vals, int64_t K, const int64_t* id
     });
   }
   for (int64_t j = 0; j < K; ++j) {
-    double sum = 0.0;
-    for (int64_t b = 0; b < B; ++b) {
-      sum += static_cast<double>(ce_[j * B + b]);
-    }
-    res[j] = sum;
+    res[j] = sum_as_double(ce_.data() + j * B, B);
   }
 }
 

@@ -139,6 +139,7 @@ class HeadCpu final : public Head {
   int64_t rest_o_ = -1;             // the neuron rest_ holds
   std::vector<T> rest_;             // [N]: log-sum-exp of the logits but rest_o_
   std::vector<T> rest_b_;           // [B]: rest_ of the minibatch
+  std::vector<T> xin_;              // [B]: the input the swept entry multiplies
   // X_d transposed [cin][N][h*w] (an input channel over the pool in one run of memory), and
   // Z_d[:, col_o_] [N][ho*wo], which moves update in place of Z_d's strided channel while
   // neuron col_o_ is swept: load_column copies it out, store_column writes it back when the

@@ -87,6 +87,21 @@ RSO_CPU_CLONES void moved_logit_ce(const T* rest, const T* t, const T* ly, const
   }
 }
 
+template <typename T>
+RSO_CPU_CLONES double sum_as_double(const T* v, int64_t n) {
+  double acc[8] = {0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0};
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    for (int l = 0; l < 8; ++l) {
+      acc[l] += static_cast<double>(v[i + l]);
+    }
+  }
+  for (; i < n; ++i) {
+    acc[0] += static_cast<double>(v[i]);
+  }
+  return ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
+}
+
 // make_cpu_head's dtypes
 template int all_finite<float>(const float*, int64_t);
 template void moved_column_ce<float>(const float*, int64_t, int64_t, const float*, const float*,
@@ -95,7 +110,9 @@ template void log_sum_exp_except<float>(const float*, int64_t, int64_t, int64_t,
                                         float*, float*);
 template void moved_logit_ce<float>(const float*, const float*, const float*, const float*, int64_t,
                                     float*);
+template double sum_as_double<float>(const float*, int64_t);
 template int all_finite<double>(const double*, int64_t);
+template double sum_as_double<double>(const double*, int64_t);
 template void moved_column_ce<double>(const double*, int64_t, int64_t, const double*, const double*,
                                       const double*, const double*, int64_t, double*, double*,
                                       double*);

@@ -30,5 +30,10 @@ void log_sum_exp_except(const T* Lt, int64_t ld, int64_t classes, int64_t skip, 
 template <typename T>
 void moved_logit_ce(const T* rest, const T* t, const T* ly, const T* is_moved, int64_t n, T* ce);
 
+// The sum of v[0..n) in double, in eight interleaved partial sums (a single running sum is a
+// chain of dependent adds: the head's loss of a weight spent more time there than in the exps).
+template <typename T>
+double sum_as_double(const T* v, int64_t n);
+
 }  // namespace fused
 }  // namespace rso

@@ -38,6 +38,17 @@ RSO_CPU_CLONES void linear_one_output(const T* x, int64_t cin, const int64_t* ro
   }
 }
 
+// dst[0..n) = src[0..n): a memmove call per run of values costs more than the copy where the
+// runs are one value long (a linear layer's X_d and Z_d, whose planes are 1 x 1)
+template <typename T>
+inline void copy_run(const T* src, int64_t n, T* dst) {
+  if (n == 1) {
+    *dst = *src;
+  } else {
+    std::copy(src, src + n, dst);
+  }
+}
+
 }  // namespace
 
 template <typename T>
@@ -67,8 +78,7 @@ void HeadCpu<T>::sweep(Backend::SweepCall& call, int64_t k0, const at::Tensor& v
     at::parallel_for(0, cin, 1, [&](int64_t c0, int64_t c1) {
       for (int64_t c = c0; c < c1; ++c) {
         for (int64_t n = 0; n < N; ++n) {
-          std::copy(x_ + (n * cin + c) * plane, x_ + (n * cin + c + 1) * plane,
-                    x_cols_.data() + (c * N + n) * plane);
+          copy_run(x_ + (n * cin + c) * plane, plane, x_cols_.data() + (c * N + n) * plane);
         }
       }
     });
@@ -115,7 +125,7 @@ void HeadCpu<T>::load_column(int64_t o) {
   const int64_t N = s_.x.size(0);
   col_.resize(static_cast<size_t>(N * hw_));
   for (int64_t n = 0; n < N; ++n) {
-    std::copy(z_ + (n * C_ + o) * hw_, z_ + (n * C_ + o + 1) * hw_, col_.data() + n * hw_);
+    copy_run(z_ + (n * C_ + o) * hw_, hw_, col_.data() + n * hw_);
   }
   col_o_ = o;
 }
@@ -125,7 +135,7 @@ void HeadCpu<T>::store_column() {
   T* z = s_.z.mutable_data_ptr<T>();
   const int64_t N = s_.x.size(0);
   for (int64_t n = 0; n < N; ++n) {
-    std::copy(col_.data() + n * hw_, col_.data() + (n + 1) * hw_, z + (n * C_ + col_o_) * hw_);
+    copy_run(col_.data() + n * hw_, hw_, z + (n * C_ + col_o_) * hw_);
   }
   col_o_ = -1;
 }
