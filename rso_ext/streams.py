@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 SAMPLERS = ("shuffle", "random")
@@ -56,8 +57,8 @@ class SweepStreams:
     def batches(self, start: int, stop: int) -> torch.Tensor:
         """int64 indices [stop - start, B] for weights ``start .. stop-1`` (row i is
         ``batch(start + i)``)."""
-        if self.sampler == "shuffle":   # the chunks of the permutation, in one index op
-            n = self.pool_size // self.batch_size
-            chunks = self.perm[:n * self.batch_size].view(n, self.batch_size)
-            return chunks.index_select(0, torch.arange(start, stop) % n)
+        if self.sampler == "shuffle":   # the chunks of the permutation, in one index op (numpy's:
+            n = self.pool_size // self.batch_size   # a few microseconds less per call)
+            chunks = self.perm[:n * self.batch_size].numpy().reshape(n, self.batch_size)
+            return torch.from_numpy(chunks[np.arange(start, stop) % n])
         return torch.stack([self.batch(k) for k in range(start, stop)])

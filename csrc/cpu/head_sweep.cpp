@@ -75,7 +75,8 @@ void HeadCpu<T>::sweep(Backend::SweepCall& call, int64_t k0, const at::Tensor& v
   if ((pool_rest_ || s_.conv) && !lazy_ && s_.kind == UnitKind::Weight && m >= fan_in) {
     const int64_t N = s_.x.size(0), cin = s_.cin, plane = s_.h * s_.w;
     x_cols_.resize(static_cast<size_t>(cin * N * plane));
-    at::parallel_for(0, cin, 1, [&](int64_t c0, int64_t c1) {
+    // a copy is a fraction of an operation: a linear layer's few columns stay on this thread
+    at::parallel_for(0, cin, cpu::grain_for(N * plane / 8), [&](int64_t c0, int64_t c1) {
       for (int64_t c = c0; c < c1; ++c) {
         for (int64_t n = 0; n < N; ++n) {
           copy_run(x_ + (n * cin + c) * plane, plane, x_cols_.data() + (c * N + n) * plane);
