@@ -26,7 +26,9 @@ boundaries too.
 
 ``--quick`` measures the first weights of each unit: every backend sweeps at least
 ``--min-weights`` of them (the *kept* weights, identical on every backend), then goes on sweeping
-until its share of the time budget for this unit is spent; the weights swept beyond the kept ones
+until its share of the time budget for this unit is spent (in one call, as the driver makes, where
+the whole unit at the warm-up weight's pace fits in half that share; else in calls that end on
+neuron boundaries and grow towards the cap); the weights swept beyond the kept ones
 are timed, compared, then restored, so every backend enters the next unit with the same weights.
 To spend the budget on weights rather than set-up, it searches on a subset of the training set
 (``max(2048, 2B)`` images) and calibrates BatchNorm on 512 images, and extrapolates the cycle:
@@ -108,7 +110,10 @@ class TimedSweeper:
         self.warm_s = time.perf_counter() - t
         t0 = time.perf_counter()
         k = k0 + 1
-        if self.cap_s is None:
+        # the driver sweeps a unit in one call: so does the benchmark wherever the rest of the
+        # unit, at the warm-up weight's pace (an overestimate), fits in half the cap
+        whole = self.cap_s is None or self.warm_s * (k1 - k) <= self.cap_s / 2
+        if whole:
             if k < k1:
                 a, lo = self.inner.run(k, k1, streams, decay)
                 accepted, loss, k = accepted + a, loss + lo, k1
