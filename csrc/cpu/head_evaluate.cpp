@@ -127,7 +127,10 @@ bool HeadCpu<T>::pool_rest_losses(const Site& st, const double* d, int64_t K, co
   if (rest_o_ != o) {
     rest_.resize(static_cast<size_t>(N));
     constexpr int64_t kBlock = 256;
-    at::parallel_for(0, (N + kBlock - 1) / kBlock, 1, [&](int64_t i0, int64_t i1) {
+    // one block's exps are a few thousand operations; a pool of a few thousand samples stays
+    // on this thread (waking the others costs about what they would save)
+    at::parallel_for(0, (N + kBlock - 1) / kBlock, cpu::grain_for(kBlock * C / 8),
+                     [&](int64_t i0, int64_t i1) {
       std::vector<T> t(static_cast<size_t>(C * kBlock)), mx(kBlock), sum(kBlock);
       for (int64_t i = i0; i < i1; ++i) {
         const int64_t n0 = i * kBlock, n = std::min(kBlock, N - n0);
@@ -153,13 +156,24 @@ bool HeadCpu<T>::pool_rest_losses(const Site& st, const double* d, int64_t K, co
   const bool weight = s_.kind == UnitKind::Weight;
   const T* xc = x_cols_.empty() ? x_ + st.c : x_cols_.data() + st.c * N;
   const int64_t xstep = x_cols_.empty() ? s_.cin : 1;
-  for (int64_t b = 0; b < B; ++b) {
-    const int64_t n = idx[b], y = target[n];
-    rest_b_[b] = rest_[n];
-    at_[b] = lazy_ ? fresh_[b] : (zo != nullptr ? zo[n] : z_[n * C + o]);
-    ly_[b] = y == o ? T(0) : z_[n * C + y];
-    aux_[b] = y == o ? T(1) : T(0);
-    xin_[b] = weight ? xc[n * xstep] : T(1);
+  {  // raw pointers: through the vectors the compiler reloads every base after each store
+    const T* __restrict rest = rest_.data();
+    const T* __restrict fresh = fresh_.data();
+    const T* __restrict z = z_;
+    T* __restrict rest_b = rest_b_.data();
+    T* __restrict at = at_.data();
+    T* __restrict ly = ly_.data();
+    T* __restrict aux = aux_.data();
+    T* __restrict xin = xin_.data();
+    const bool lazy = lazy_;
+    for (int64_t b = 0; b < B; ++b) {
+      const int64_t n = idx[b], y = target[n];
+      rest_b[b] = rest[n];
+      at[b] = lazy ? fresh[b] : (zo != nullptr ? zo[n] : z[n * C + o]);
+      ly[b] = y == o ? T(0) : z[n * C + y];
+      aux[b] = y == o ? T(1) : T(0);
+      xin[b] = weight ? xc[n * xstep] : T(1);
+    }
   }
   for (int64_t k = 0; k < K; ++k) {
     const T dk = static_cast<T>(d[k]);

@@ -49,6 +49,14 @@ inline void copy_run(const T* src, int64_t n, T* dst) {
   }
 }
 
+// z[0..n) += d * x[0..n), each value rounded as math::add_product rounds it
+template <typename T>
+RSO_CPU_CLONES void add_scaled(T* __restrict z, T d, const T* __restrict x, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) {
+    z[i] = math::add_product(z[i], d, x[i]);
+  }
+}
+
 }  // namespace
 
 template <typename T>
@@ -145,6 +153,14 @@ template <typename T>
 void HeadCpu<T>::move(const Site& st, T d) {
   // while the neuron's column is out (load_column), the move updates it, reading X_d
   // transposed where a weight's move reads an input
+  if (!s_.conv && s_.kind == UnitKind::Weight && col_o_ == st.o && !x_cols_.empty()) {
+    // a linear layer's column and input feature are both contiguous: one vector loop
+    if (d != T(0)) {
+      const int64_t N = s_.x.size(0);
+      add_scaled(col_.data(), d, x_cols_.data() + st.c * N, N);
+    }
+    return;
+  }
   MoveRows<T> rows = cache_rows<T>(s_, st);
   if (col_o_ == st.o) {
     rows.z = col_.data();
