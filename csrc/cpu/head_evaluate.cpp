@@ -151,7 +151,7 @@ bool HeadCpu<T>::pool_rest_losses(const Site& st, const double* d, int64_t K, co
   rest_b_.resize(static_cast<size_t>(B));
   dt_.resize(static_cast<size_t>(K * B));
   at_.resize(static_cast<size_t>(B));   // logit o now
-  // the input the entry multiplies, per sample (1 for a bias)
+  // the input the entry multiplies, per sample (1 for a bias: at + dk * 1 is at + dk exactly)
   xin_.resize(static_cast<size_t>(B));
   const bool weight = s_.kind == UnitKind::Weight;
   const T* xc = x_cols_.empty() ? x_ + st.c : x_cols_.data() + st.c * N;
@@ -178,14 +178,8 @@ bool HeadCpu<T>::pool_rest_losses(const Site& st, const double* d, int64_t K, co
   for (int64_t k = 0; k < K; ++k) {
     const T dk = static_cast<T>(d[k]);
     T* out = dt_.data() + k * B;
-    if (weight) {
-      for (int64_t b = 0; b < B; ++b) {
-        out[b] = math::add_product(at_[b], dk, xin_[b]);
-      }
-    } else {
-      for (int64_t b = 0; b < B; ++b) {
-        out[b] = at_[b] + dk;
-      }
+    for (int64_t b = 0; b < B; ++b) {
+      out[b] = math::add_product(at_[b], dk, xin_[b]);
     }
   }
   if (!all_finite(rest_b_.data(), B) || !all_finite(ly_.data(), B) ||
