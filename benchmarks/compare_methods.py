@@ -16,7 +16,10 @@ example's net, 1.2 M weights: ``rso_ext.models.pytorch_example``, the blog's ``N
 **The budget** is process CPU time (all threads of this process; it does not count time spent
 waiting for another process, unlike wall time), the same for every method, ``--budget`` seconds
 per final run. A method runs in its own steps (a unit sweep, a generation, 50 SGD minibatches)
-until the budget is spent; the last step may overrun it (the JSON gives each run's seconds). The
+until the budget is spent. A per-weight unit sweep stops where the budget ends, inside the unit
+(``run(stop=)``, polled every 64 weights or every call of the fused op: a unit of the blog's
+network, fc1, is 1.2 M weights); a generation or an SGD step may overrun it by that step (the
+JSON gives each run's seconds). The
 test set is read at ``--points`` points of each final run, off the clock. Per-weight methods anneal
 over ``cycles``, which must be fixed in advance: it is the number of cycles that fit the budget,
 from the cycle cost their first trial measured (extrapolated from the weights it visited when a
@@ -85,9 +88,11 @@ SGD_CHUNK = 50            # minibatches per SGD step of the budget loop
 # -- one method as a sequence of bounded steps ---------------------------------------------------
 class Runner:
     """``advance()`` does one bounded step (False when the method is done); ``model`` is what is
-    evaluated after ``prepare_eval(x)``."""
+    evaluated after ``prepare_eval(x)``. A step may stop early at ``deadline`` (process CPU time)
+    where the method can (the per-weight sweeps)."""
 
     model: torch.nn.Module
+    deadline: float = math.inf
 
     def advance(self) -> bool:
         raise NotImplementedError
@@ -97,12 +102,14 @@ class Runner:
 
 
 class SearchRunner(Runner):
-    """A class form of ``rso_ext.methods``: one step = one unit sweep or one generation."""
+    """A class form of ``rso_ext.methods``: one step = one unit sweep (ended early at
+    ``deadline``) or one generation."""
 
     def __init__(self, search, x, y):
         self.search, self.model = search, search.model
         self.search.check(x, y)
-        self.it = search.run(x, y)
+        self.deadline = math.inf          # process CPU time at which a sweep stops (run_budget)
+        self.it = search.run(x, y, stop=lambda: time.process_time() >= self.deadline)
         self.visited = 0          # weights (per-weight) visited so far
         self.cycle_done_at: list[int] = []
 
@@ -221,6 +228,7 @@ def run(runner: Runner, budget: float, points: int, evaluate: Callable[[Runner],
     done = False
     while not done and cpu < budget:
         c0, w0 = time.process_time(), time.perf_counter()
+        runner.deadline = c0 + budget - cpu     # a per-weight sweep stops there, mid-unit
         done = not runner.advance()
         cpu += time.process_time() - c0
         wall += time.perf_counter() - w0

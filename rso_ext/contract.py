@@ -40,7 +40,7 @@ from __future__ import annotations
 import abc
 import inspect
 from dataclasses import asdict, dataclass
-from typing import Any, ClassVar, Dict, Iterator, Mapping, Optional, Type
+from typing import Any, Callable, ClassVar, Dict, Iterator, Mapping, Optional, Type
 
 import torch
 from torch import nn
@@ -106,6 +106,8 @@ class Method(abc.ABC):
     hparams: Dict[str, Any]
     generator: torch.Generator
     backend_reason: str = ""
+    #: ``run(stop=)``'s predicate while that run goes (per-weight methods poll it inside a sweep)
+    _stop: Optional[Callable[[], bool]] = None
 
     # -- the steps ---------------------------------------------------------------------------
     def step(self, x=None, y: Optional[torch.Tensor] = None) -> Stats:
@@ -118,18 +120,30 @@ class Method(abc.ABC):
         self._prepare(x)
         return self._advance(x, y, False)
 
-    def run(self, x, y: Optional[torch.Tensor] = None, *,
-            progress: bool = False) -> Iterator[Stats]:
+    def run(self, x, y: Optional[torch.Tensor] = None, *, progress: bool = False,
+            stop: Optional[Callable[[], bool]] = None) -> Iterator[Stats]:
         """Run the remaining steps on training data ``(x, y)`` (tensors) or on ``x`` alone as a
         Dataset/DataLoader of (image, label) pairs. Yields one :class:`Stats` per step;
-        :meth:`state_dict` taken at a yield resumes right after that step."""
+        :meth:`state_dict` taken at a yield resumes right after that step.
+
+        ``stop`` (e.g. a time budget's check) is polled every few weights inside a per-weight
+        method's unit sweep: when it returns True the sweep ends where it is, the visited weights
+        keep their moves, and the step's Stats says how many it visited (``weights``); the
+        position stays at that unit, so going on sweeps it again from its first weight with
+        new random streams. A population method's step (one generation) does not poll it."""
+        if stop is not None and not callable(stop):
+            raise TypeError(f"stop must be a callable returning a bool, got {type(stop).__name__}")
         x, y = self._data(x, y)
         self._prepare(x)
         total, initial, desc = self._progress()
         bar = progress_bar(total=total, initial=initial, desc=desc, enabled=progress)
         try:
             while not self.done:
-                stats = self._advance(x, y, progress)
+                self._stop = stop
+                try:
+                    stats = self._advance(x, y, progress)
+                finally:
+                    self._stop = None
                 bar.set_postfix(**self._postfix(stats))
                 bar.update(1)
                 yield stats

@@ -222,6 +222,8 @@ class RSO(Method):
         assert self.units is not None and self.sigma0 is not None
         with precision_mode(self.precision):
             stats = self._sweep(self.unit, x, y, progress)
+        if stats.weights < self.units[self.unit].param.numel():
+            return stats                  # stopped early (run(stop=)): sweep this unit again
         self.unit += 1
         if self.unit == len(self.units):
             self.unit, self.cycle = 0, self.cycle + 1
@@ -271,9 +273,17 @@ class RSO(Method):
                 distributed.whole_batch_norm(self.model):     # a sharded minibatch's statistics
             sweeper.begin(x, y)
             bar = progress_bar(total=n, desc=unit.name, enabled=progress, leave=False)
+            stop, reached = self._stop, [n]
+
+            def tick(k: int) -> bool:
+                bar.update(k - bar.n)
+                if stop is not None and k < n and stop():
+                    reached[0] = k
+                    return True
+                return False
             try:
                 accepted, loss_sum = sweeper.run(0, n, streams, 1.0 - h["weight_decay"],
-                                                 tick=lambda k: bar.update(k - bar.n))
+                                                 tick=tick)
             except NonFiniteLossError as e:
                 raise NonFiniteLossError(f"cycle {self.cycle}: {e}") from None
             finally:
@@ -283,12 +293,14 @@ class RSO(Method):
                 if self.plan is None or nxt == len(self.units) or \
                         self.plan.owner(self.units[nxt]) != self.plan.owner(unit):
                     self._caches.take()   # the next unit sweeps another layer: free them now
+        n = reached[0]                    # fewer than asked where stop() ended the sweep
         self.evaluations += n * self.candidates * h["batch_size"]
         return Stats(method=self.method, cycle=self.cycle,
                      step=self.cycle * len(self.units) + index, layer=unit.name,
                      evaluations=self.evaluations,
                      mean_loss=loss_sum / n / h["batch_size"], sigma=sigma,
-                     seconds=time.perf_counter() - t0, cycle_done=index == len(self.units) - 1,
+                     seconds=time.perf_counter() - t0,
+                     cycle_done=index == len(self.units) - 1 and n == unit.param.numel(),
                      unit=index, weights=n, accepted=accepted)
 
     def _check_memory(self, unit: Unit, sweeper: Sweeper, x: torch.Tensor) -> None:

@@ -69,8 +69,11 @@ class Sweeper(Protocol):
         """Build the sweep's caches from the training pool ``(x, y)``."""
 
     def run(self, k0: int, k1: int, streams: SweepStreams, decay: float,
-            tick: Optional[Callable[[int], None]] = None) -> tuple[int, float]:
-        """Visit weights ``k0 .. k1-1``; returns (accepted moves, sum of winning losses)."""
+            tick: Optional[Callable[[int], Optional[bool]]] = None) -> tuple[int, float]:
+        """Visit weights ``k0 .. k1-1``; returns (accepted moves, sum of winning losses).
+
+        ``tick(k)`` is called every few weights with the end of the visited range (``k0 .. k-1``
+        done); when it returns True the loop stops there and returns what it has."""
 
     def end(self) -> None:
         """Release the caches."""
@@ -88,7 +91,7 @@ class TorchSweeper:
 
     @torch.no_grad()
     def run(self, k0: int, k1: int, streams: SweepStreams, decay: float,
-            tick: Optional[Callable[[int], None]] = None) -> tuple[int, float]:
+            tick: Optional[Callable[[int], Optional[bool]]] = None) -> tuple[int, float]:
         """Visit weights ``k0 .. k1-1``; returns (accepted moves, sum of winning losses)."""
         flat = self.unit.param.data.view(-1)
         deltas = streams.deltas[k0:k1].to(flat.device, flat.dtype)
@@ -105,8 +108,8 @@ class TorchSweeper:
             self.evaluator.set(k, values[j])
             accepted += j != 0
             loss_sum += float(losses[j])
-            if tick is not None and (k % 64 == 63 or k == k1 - 1):
-                tick(k + 1)
+            if tick is not None and (k % 64 == 63 or k == k1 - 1) and tick(k + 1):
+                break
         return accepted, loss_sum
 
     def end(self) -> None:

@@ -173,6 +173,51 @@ def test_step_makes_the_decisions_of_run(name, data):
     assert _same(_weights(a), _weights(b))
 
 
+@pytest.mark.parametrize("backend", ["torch", "fused"])
+@pytest.mark.parametrize("name", ["rso", "sa", "ticket"])
+def test_run_stop_ends_a_sweep_inside_its_unit_and_going_on_sweeps_it_again(name, backend, data):
+    from rso_ext.rso import BACKENDS
+    if backend not in BACKENDS:
+        pytest.skip(f"no {backend} backend in this build")
+    x, y = data
+
+    def build():      # fc: 1,440 weights; polled every 64 (torch loops) or 432 (fused calls)
+        return METHODS[name](mini_net(width=16), generator=_g(4), backend=backend, **SMALL[name])
+    whole, part = build(), build()
+    before = _weights(part)
+    on, polls = [True], []
+
+    def stop():
+        polls.append(1)
+        return on[0] and len(polls) >= 2                  # the second poll stops the sweep
+    it = part.run(x, y, stop=stop)
+    s = next(it)
+    unit = part.units[0]
+    i = [q is unit.param for q in part.model.parameters()].index(True)
+    n, k = unit.param.numel(), s.weights
+    assert unit.name == "fc.weight" and 0 < k < n and len(polls) == 2
+    assert not s.cycle_done and (part.cycle, part.unit) == (0, 0) and s.unit == 0
+    done = whole.step(x, y)                               # the same streams, swept to the end
+    assert done.weights == n and (whole.cycle, whole.unit) == (0, 1)
+    got, ref, init = (t.detach().reshape(-1) for t in (unit.param, whole.units[0].param,
+                                                       before[i]))
+    if name != "ticket":         # the ticket's prune to its cap may reach unvisited weights
+        assert torch.equal(got[k:], init[k:])             # the rest untouched
+        assert torch.equal(got[:k], ref[:k])              # the visited ones as the whole sweep
+    assert not torch.equal(got, init)
+    for j, (a, b) in enumerate(zip(_weights(part), before)):
+        if j != i:
+            assert torch.equal(a, b)                      # no other unit moved
+    on[0] = False
+    again = next(it)                                      # the same unit, from its first weight
+    assert again.unit == 0 and again.weights == n and (part.cycle, part.unit) == (0, 1)
+
+
+def test_run_stop_must_be_callable(data):
+    with pytest.raises(TypeError, match="stop must be a callable"):
+        next(_build("rso").run(*data, stop=5))
+
+
 def test_step_needs_data_the_first_time():
     with pytest.raises(ValueError, match="needs training data"):
         _build("rso").step()

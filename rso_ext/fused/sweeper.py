@@ -316,8 +316,9 @@ class FusedSweeper:
     # -- the sweep ----------------------------------------------------------------------------
     @torch.no_grad()
     def run(self, k0: int, k1: int, streams: SweepStreams, decay: float,
-            tick: Optional[Callable[[int], None]] = None) -> tuple[int, float]:
-        """Visit weights ``k0 .. k1-1``; returns (accepted moves, sum of winning losses)."""
+            tick: Optional[Callable[[int], Optional[bool]]] = None) -> tuple[int, float]:
+        """Visit weights ``k0 .. k1-1``; returns (accepted moves, sum of winning losses);
+        ``tick`` as in :class:`rso_ext.sweep.Sweeper`, after each call of the op."""
         param = self.unit.param.data
         fan_in = max(1, param.numel() // param.shape[0])
         step = max(1, min(self.max_chunk, fan_in * max(1, 512 // fan_in)))
@@ -343,8 +344,8 @@ class FusedSweeper:
                 raise non_finite(self.unit, a + i, float(ls[i, 0]))
             accepted += int(np.count_nonzero(ch))
             loss_sum += float(ls[np.arange(len(ch)), ch].sum())
-            if tick is not None:
-                tick(b)
+            if tick is not None and tick(b):
+                break
         return accepted, loss_sum
 
     # -- per-weight evaluator interface -----------------------------------------------------

@@ -79,7 +79,7 @@ class MethodSweeper:
         self.y = y
 
     def run(self, k0: int, k1: int, streams, decay: float,
-            tick: Optional[Callable[[int], None]] = None) -> tuple[int, float]:
+            tick: Optional[Callable[[int], Optional[bool]]] = None) -> tuple[int, float]:
         return self.loop(self.unit, self.evaluator, self.y, k0, k1, streams, decay, tick)
 
     def end(self) -> None:

@@ -76,8 +76,8 @@ def sa_loop(unit: Unit, evaluator, y: torch.Tensor, k0: int, k1: int, streams, d
         evaluator.set(k, values[j])
         accepted += j
         loss_sum += losses[j]
-        if tick is not None and (k % 64 == 63 or k == k1 - 1):
-            tick(k + 1)
+        if tick is not None and (k % 64 == 63 or k == k1 - 1) and tick(k + 1):
+            break                       # asked to stop: k0 .. k visited
     return accepted, loss_sum
 
 

@@ -107,8 +107,8 @@ def ticket_loop(unit: Unit, evaluator, y: Optional[torch.Tensor], k0: int, k1: i
         if m[k - k0]:                   # kept after the visit: remember what pruning would cost
             cost[k] = (losses[1] - losses[0]) if cur else (losses[0] - losses[1])
         loss_sum += losses[j]
-        if tick is not None and (k % 64 == 63 or k == k1 - 1):
-            tick(k + 1)
+        if tick is not None and (k % 64 == 63 or k == k1 - 1) and tick(k + 1):
+            break                       # asked to stop: k0 .. k visited, the rest as they were
     mask[k0:k1] = torch.tensor(m, dtype=torch.bool)
     forced = 0
     if prune and kept > cap:
