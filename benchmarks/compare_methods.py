@@ -30,7 +30,9 @@ the same number for every method), each tried for ``--trial-fraction`` of the bu
 by **validation** accuracy; the winner gets the full budget. Nothing is selected on the test set.
 
 **Resume**: every finished run (trial or final) is kept in ``<out>/runs.json`` at once; a rerun of
-the same command skips what is there (a run killed midway restarts from its beginning).
+the same command skips what is there (a run killed midway restarts from its beginning). The
+settings the runs were made under are kept in ``<out>/settings.json``; a rerun under other
+settings (budget, trials, sizes, seed, threads) is refused, naming them.
 
 Output: ``<out>/compare_methods_<task>_cpu.json`` (``test_acc_<method>``, ``seconds_<method>``,
 ``cpu_seconds_<method>`` for every method that ran, the budget and the machine), a PNG of test
@@ -293,6 +295,21 @@ def main(argv=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     runs_path = out / "runs.json"
     runs: dict[str, dict] = json.loads(runs_path.read_text()) if runs_path.exists() else {}
+    # the runs kept in a folder are comparable only under the same settings: refuse a resume
+    # under others (--methods may grow; the data folder may sit elsewhere on another machine)
+    settings = {k: getattr(args, k) for k in ("task", "budget", "trials", "trial_fraction",
+                                              "points", "train_size", "val_size", "seed",
+                                              "threads")}
+    settings_path = out / "settings.json"
+    if settings_path.exists():
+        kept = json.loads(settings_path.read_text())
+        diff = {k: (kept.get(k), v) for k, v in settings.items() if kept.get(k) != v}
+        if diff:
+            ap.error(f"{out} holds runs made under other settings; use another --out or the "
+                     "same " + ", ".join(f"--{k.replace('_', '-')} (kept {a}, given {b})"
+                                         for k, (a, b) in diff.items()))
+    else:
+        settings_path.write_text(json.dumps(settings, indent=1))
 
     def keep(key: str, rec: dict) -> None:
         runs[key] = rec

@@ -46,6 +46,12 @@ def test_compare_methods_tiny_budget_and_resume(script, tmp_path, capsys):
     assert "trial 0" not in again and "final" not in again.split("| method")[0]
     assert json.loads((tmp_path / "compare_methods_paper_mnist_cpu.json").read_text())[
         "result"] == res
+    # a rerun under another budget would mix incomparable runs: refused, naming the setting
+    before = (tmp_path / "runs.json").read_text()
+    with pytest.raises(SystemExit):
+        script.main([a if a != "0.6" else "0.7" for a in args])
+    assert "--budget (kept 0.6, given 0.7)" in capsys.readouterr().err
+    assert (tmp_path / "runs.json").read_text() == before
 
 
 def test_compare_methods_refuses_bad_arguments(script, tmp_path):
