@@ -30,7 +30,7 @@ DEFAULTS = dict(model="paper_mnist", data="mnist", data_root=None, download=Fals
                 batch_size=128, train_size=None, val_size=1000, normalize="mean",
                 sampler="shuffle", alpha=0.1, weight_decay=1e-4, sigma="he", sample_scale=1.0,
                 calib_size=2000, device="cpu", backend="auto", precision="exact", pool_size=None,
-                seed=0, threads=None,
+                seed=0, threads=None, candidate_steps=None, batch_start=None,
                 method="rso", generations=None, population=None, noise=None, lr=None,
                 temperature=None, sparsity=None, params=None)
 
@@ -61,6 +61,12 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--sigma", choices=["he", "empirical"], default=DEFAULTS["sigma"])
     t.add_argument("--sample-scale", type=float, default=DEFAULTS["sample_scale"])
     t.add_argument("--calib-size", type=_positive_int, default=DEFAULTS["calib_size"])
+    t.add_argument("--candidate-steps", type=_steps, default=None, metavar="S[,S...]",
+                   help="multiples of the step tried on each side of w' (default 1: the paper's "
+                        "three candidates; 1,2 tries five)")
+    t.add_argument("--batch-start", type=_positive_int, default=None, metavar="B0",
+                   help="first cycle's batch size, doubled every cycle up to --batch-size "
+                        "(default: --batch-size throughout)")
     t.add_argument("--device", choices=["cpu", "cuda"], default=DEFAULTS["device"])
     t.add_argument("--backend", choices=BACKENDS, default=DEFAULTS["backend"],
                    help="fused: the compiled evaluation; torch: the pure-PyTorch reference; "
@@ -110,6 +116,17 @@ def _positive_int(s: str) -> int:
     if v < 1:
         raise argparse.ArgumentTypeError(f"must be a positive integer, got {s}")
     return v
+
+
+def _steps(s: str) -> list[float]:
+    try:
+        out = [float(v) for v in s.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be numbers separated by commas, got {s!r}") \
+            from None
+    if not all(v > 0 and v == v and v != float("inf") for v in out) or len(set(out)) != len(out):
+        raise argparse.ArgumentTypeError(f"must be distinct finite positive numbers, got {s!r}")
+    return out
 
 
 def _nonneg_int(s: str) -> int:
@@ -216,6 +233,18 @@ def _stop_note(sweeps, rso: RSO, run_dir: Path):
             f"lines of {METRICS}") from None
 
 
+def _check_method_options(cfg: dict[str, Any]) -> None:
+    """SystemExit naming an option given on the command line that the chosen method does not
+    take (it would be ignored silently)."""
+    taken = METHODS[cfg["method"]].cli_options
+    options = {o for c in METHODS.values() for o in c.cli_options}
+    stray = [o for o in sorted(options) if o not in taken and cfg.get(o) != DEFAULTS.get(o)]
+    if stray:
+        raise SystemExit("error: " + "; ".join(
+            f"--{o.replace('_', '-')} is not an option of --method {cfg['method']} (it is "
+            f"{takers(o)}'s)" for o in stray))
+
+
 # -- commands -----------------------------------------------------------------------------------
 def train(args: argparse.Namespace) -> int:
     if args.resume:
@@ -226,6 +255,7 @@ def train(args: argparse.Namespace) -> int:
         cfg = _read_config(run_dir)
     else:
         cfg = {k: getattr(args, k) for k in DEFAULTS}
+        _check_method_options(cfg)
         run_dir = Path(args.out or f"runs/{cfg['model']}-{time.strftime('%Y%m%d-%H%M%S')}")
         if (run_dir / CONFIG).exists() and _restarted_by_torchrun():
             # torchrun restarts a failed worker group with the same command: continue the run
@@ -282,7 +312,9 @@ def train(args: argparse.Namespace) -> int:
     distributed.barrier()
     say = print if writer else (lambda *a, **k: None)
     say(f"run folder: {run_dir}\ntraining {cfg['model']} on {len(splits.train_x)} "
-        f"{cfg['data']} images, B={cfg['batch_size']}, {cfg['cycles']} cycle(s), "
+        f"{cfg['data']} images, B={cfg['batch_size']}"
+        + (f" (from {cfg['batch_start']}, doubled per cycle)" if cfg.get("batch_start") else "")
+        + f", {cfg['cycles']} cycle(s), "
         f"device={cfg['device']}" + (f", {distributed.world()[1]} processes" if several else ""),
         flush=True)
     if getattr(rso, "backend_reason", ""):

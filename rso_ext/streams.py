@@ -8,7 +8,9 @@ and in this order:
    taking chunk ``k mod floor(N / B)``; for ``sampler="random"`` one 63-bit seed, weight k taking
    ``B`` indices drawn independently with replacement from a generator seeded ``seed + k``.
 
-Every backend consumes these arrays in this order, so they make the same decisions.
+Every backend consumes these arrays in this order, so they make the same decisions. The
+multiples of the step tried on each side (``steps``, default ``(1.0,)``: the paper's
+``{w', w' + delta, w' - delta}``) travel with them (:func:`rso_ext.sweep.candidate_values`).
 """
 from __future__ import annotations
 
@@ -30,10 +32,12 @@ class SweepStreams:
     sampler: str
     perm: torch.Tensor | None = None   # int64 [N] for "shuffle"
     seed: int | None = None            # for "random"
+    steps: tuple[float, ...] = (1.0,)  # candidates w' +- s * delta for s in steps (nothing drawn)
 
     @classmethod
     def draw(cls, generator: torch.Generator, n: int, sigma: float, pool_size: int,
-             batch_size: int, sampler: str = "shuffle") -> "SweepStreams":
+             batch_size: int, sampler: str = "shuffle",
+             steps: tuple[float, ...] = (1.0,)) -> "SweepStreams":
         if sampler not in SAMPLERS:
             raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
         if not 1 <= batch_size <= pool_size:
@@ -42,9 +46,9 @@ class SweepStreams:
         deltas = torch.randn(n, generator=generator, dtype=torch.float32) * sigma
         if sampler == "shuffle":
             perm = torch.randperm(pool_size, generator=generator)
-            return cls(deltas, pool_size, batch_size, sampler, perm=perm)
+            return cls(deltas, pool_size, batch_size, sampler, perm=perm, steps=tuple(steps))
         seed = int(torch.randint(0, 2**62, (1,), generator=generator))
-        return cls(deltas, pool_size, batch_size, sampler, seed=seed)
+        return cls(deltas, pool_size, batch_size, sampler, seed=seed, steps=tuple(steps))
 
     def batch(self, k: int) -> torch.Tensor:
         """int64 indices [B] into the pool for the k-th visited weight of the sweep."""

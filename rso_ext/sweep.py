@@ -33,11 +33,18 @@ def choose(losses: torch.Tensor) -> int:
     return best
 
 
-def candidate_values(w: torch.Tensor, deltas: torch.Tensor, decay: float) -> torch.Tensor:
-    """[m, 3] candidates of weights ``w`` [m]: ``{w', w' + delta, w' - delta}``, ``w' = w * decay``
-    (computed here once for every backend, so all of them try bit-identical values)."""
+def candidate_values(w: torch.Tensor, deltas: torch.Tensor, decay: float,
+                     steps: Sequence[float] = (1.0,)) -> torch.Tensor:
+    """[m, K] candidates of weights ``w`` [m]: ``w' = w * decay``, then ``w' + s * delta`` and
+    ``w' - s * delta`` for each multiple ``s`` of ``steps`` (K = 1 + 2 * len(steps); the default
+    is the paper's ``{w', w' + delta, w' - delta}``). Computed here once for every backend, so
+    all of them try bit-identical values."""
     wd = w * decay
-    return torch.stack([wd, wd + deltas, wd - deltas], dim=1)
+    cols = [wd]
+    for s in steps:
+        d = deltas if s == 1.0 else deltas * s
+        cols += [wd + d, wd - d]
+    return torch.stack(cols, dim=1)
 
 
 def unravel(k: int, shape: torch.Size) -> tuple[int, ...]:
@@ -82,8 +89,9 @@ class Sweeper(Protocol):
 class TorchSweeper:
     """The pure-PyTorch weight loop around a candidate evaluator (``backend="torch"``)."""
 
-    def __init__(self, unit: Unit, evaluator: FullForward) -> None:
+    def __init__(self, unit: Unit, evaluator: FullForward, candidates: int = 3) -> None:
         self.unit, self.evaluator = unit, evaluator
+        self.candidates = candidates    # per weight (K), for the memory estimate
 
     def begin(self, x: torch.Tensor, y: torch.Tensor) -> None:
         self.x, self.y = x, y
@@ -95,7 +103,7 @@ class TorchSweeper:
         """Visit weights ``k0 .. k1-1``; returns (accepted moves, sum of winning losses)."""
         flat = self.unit.param.data.view(-1)
         deltas = streams.deltas[k0:k1].to(flat.device, flat.dtype)
-        all_values = candidate_values(flat[k0:k1], deltas, decay)
+        all_values = candidate_values(flat[k0:k1], deltas, decay, streams.steps)
         accepted, loss_sum = 0, 0.0
         for k in range(k0, k1):
             idx = streams.batch(k).to(self.x.device)
@@ -124,4 +132,5 @@ class TorchSweeper:
         ev = getattr(self.evaluator, "inner", self.evaluator)    # a ShardedEvaluator's own
         return torch_sweep_estimate(trace, unit_module, pool_size, batch_size,
                                     cached=isinstance(ev, CachedInput),
+                                    candidates=self.candidates,
                                     batched=isinstance(ev, BatchedCandidates))

@@ -6,6 +6,7 @@ script fail before parsing its arguments) that would otherwise surface only at m
 """
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -56,17 +57,24 @@ def test_ablate_paper_runs_each_variant_once_and_resumes(tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1")
     env.pop("RSO_EXT_MNIST_ROOT", None)          # the embedded subset
     cmd = [sys.executable, str(BENCHMARKS / "ablate_paper.py"), "--variants",
-           "base,sampler_random", "--batch-size", "16", "--train-size", "64", "--val-size", "40",
-           "--cycles", "1", "--calib-size", "32", "--threads", "1",
+           "base,sampler_random,batch_doubling", "--batch-size", "16", "--train-size", "64",
+           "--val-size", "40", "--cycles", "2", "--calib-size", "32", "--threads", "1",
            "--out-dir", str(tmp_path / "runs"), "--out", str(tmp_path / "a.json")]
+    if importlib.util.find_spec("matplotlib"):
+        cmd += ["--plot", str(tmp_path / "a.png")]
     r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     doc = json.loads((tmp_path / "a.json").read_text())
-    for v in ("base", "sampler_random"):
+    for v in ("base", "sampler_random", "batch_doubling"):
         res = doc["results"][v]
-        assert 0 < res["val_acc_1"] <= 1 and 0 < res["test_acc_1"] <= 1, res
-        assert "--sampler random" in res["command"] or v == "base"
-    assert r.stdout.count("ablate_paper: ") == 2
+        assert 0 < res["val_acc_2"] <= 1 and 0 < res["test_acc_2"] <= 1, res
+        assert 0 < res["cpu_seconds_1"] < res["cpu_seconds_2"], res
+    assert "--sampler random" in doc["results"]["sampler_random"]["command"]
+    assert "--batch-start 2" in doc["results"]["batch_doubling"]["command"]
+    assert doc["variants"]["batch_doubling"] == {"--batch-start": "2"}
+    assert r.stdout.count("ablate_paper: ") == 3
+    if importlib.util.find_spec("matplotlib"):
+        assert (tmp_path / "a.png").stat().st_size > 1000
     again = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
     assert again.returncode == 0 and "ablate_paper: " not in again.stdout   # nothing re-run
     assert json.loads((tmp_path / "a.json").read_text())["results"] == doc["results"]

@@ -162,6 +162,33 @@ def test_bad_arguments_are_named(tiny_root, tmp_path, capsys):
         cli.main(["train", "--resume", str(tmp_path)])
 
 
+def test_variant_options_reach_the_run_and_its_resume(tiny_root, tmp_path, capsys):
+    out = tmp_path / "variant"
+    extra = ("--candidate-steps", "1,2", "--batch-start", "10", "--cycles", "3")
+    assert cli.main(_args(tiny_root, out, *extra)) == 0
+    cfg = json.loads((out / cli.CONFIG).read_text())
+    assert cfg["candidate_steps"] == [1.0, 2.0] and cfg["batch_start"] == 10
+    assert "B=25 (from 10, doubled per cycle)" in capsys.readouterr().out
+    hp = checkpoint.load(out / cli.CKPT)["rso"]["hparams"]
+    assert hp["candidate_steps"] == (1.0, 2.0) and hp["batch_start"] == 10
+    sweeps = [r for r in _lines(out) if r["type"] == "sweep"]
+    n = sum(p.numel() for p in tiny_mnist_net().parameters())
+    assert sweeps[-1]["evaluations"] == n * 5 * (10 + 20 + 25)
+    # an interrupted variant run resumes with its options (config.json), not the defaults
+    cut = tmp_path / "cut"
+    (cut).mkdir()
+    (cut / cli.CONFIG).write_text((out / cli.CONFIG).read_text())
+    assert cli.main(["train", "--resume", str(cut), "--no-progress"]) == 0
+    a, b = _weights(out), _weights(cut)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    for bad in ("0", "1,1", "1,x", "nan"):
+        with pytest.raises(SystemExit):
+            cli.main(_args(tiny_root, tmp_path / "bad", "--candidate-steps", bad))
+        assert "--candidate-steps" in capsys.readouterr().err
+    assert cli.main(_args(tiny_root, tmp_path / "bad", "--batch-start", "30")) == 2
+    assert "batch_start must be in [1, 25], got 30" in capsys.readouterr().err
+
+
 def test_existing_run_is_never_overwritten(full_run, tiny_root):
     before = (full_run / cli.METRICS).read_bytes()
     with pytest.raises(SystemExit, match="already holds a run"):

@@ -312,6 +312,19 @@ def test_cli_method_trains_and_resumes(method, extra, tiny_root, tmp_path, monke
         assert torch.equal(a[k], b[k]), k
 
 
+def test_cli_refuses_an_option_the_method_does_not_take(tiny_root, tmp_path, capsys):
+    base = ["train", "--data-root", str(tiny_root), "--no-progress"]
+    for method, extra, named in [("es", ["--sample-scale", "2"], "--sample-scale"),
+                                 ("sa", ["--candidate-steps", "1,2"], "--candidate-steps"),
+                                 ("rso", ["--population", "8"], "--population")]:
+        out = tmp_path / method
+        with pytest.raises(SystemExit, match=f"{named} is not an option of --method {method}"):
+            cli.main(base + ["--method", method, "--out", str(out), *extra])
+        assert not out.exists()              # refused before any file is made
+    with pytest.raises(TypeError, match="candidate_steps is RSO's option"):
+        SimulatedAnnealing(mini_net(width=2), candidate_steps=(1.0, 2.0))
+
+
 # -- backends --------------------------------------------------------------------------------------
 @pytest.mark.parametrize("cls,kw", [(SimulatedAnnealing, {}), (TicketFinder, dict(sparsity=0.5))],
                          ids=["sa", "ticket"])

@@ -174,8 +174,9 @@ def test_cached_input_equals_full_forward(unit_index):
 
 
 # -- an independent re-implementation of the recipe ------------------------------------------------
-def _oracle(net: nn.Sequential, x, y, cycles, B, alpha, wd, seed):
-    """Algorithm 1 written out for tiny_net with functional ops only."""
+def _oracle(net: nn.Sequential, x, y, cycles, B, alpha, wd, seed, steps=(1.0,), B0=None):
+    """Algorithm 1 written out for tiny_net with functional ops only (with the variants:
+    candidates w' +- s * delta for s in ``steps``; cycle c's minibatch min(B, B0 * 2**c))."""
     P = {k: v.detach().clone() for k, v in net.named_parameters()}
     g = torch.Generator().manual_seed(seed)
     calib = torch.randperm(len(x), generator=g)[:2000]
@@ -205,6 +206,7 @@ def _oracle(net: nn.Sequential, x, y, cycles, B, alpha, wd, seed):
             "conv1.weight": math.sqrt(2 / 9)}
     decisions = []
     for c in range(cycles):
+        Bc = B if B0 is None else min(B, B0 * 2 ** c)
         for name, _ in order:
             s = sig0.get(name, 0.167) * (alpha + (1 - alpha) * (cycles - c) / cycles)
             n = P[name].numel()
@@ -214,19 +216,22 @@ def _oracle(net: nn.Sequential, x, y, cycles, B, alpha, wd, seed):
             fixed = {b: cal[b] for b in upstream[name]}
             flat = P[name].view(-1)
             for k in range(n):
-                ch = k % (len(x) // B)
-                idx = perm[ch * B:(ch + 1) * B]
+                ch = k % (len(x) // Bc)
+                idx = perm[ch * Bc:(ch + 1) * Bc]
                 w = flat[k] * (1 - wd)
-                cands = [w, w + deltas[k], w - deltas[k]]
+                cands = [w]
+                for m in steps:
+                    cands += [w + deltas[k] * m, w - deltas[k] * m]
                 losses = []
                 for v in cands:
                     flat[k] = v
                     logits, _ = fwd(P, x[idx], fixed)
                     losses.append(float(F.cross_entropy(logits.double(), y[idx], reduction="sum")))
-                j = min(range(3), key=lambda i: (losses[i], i))
+                K = len(cands)
+                j = min(range(K), key=lambda i: (losses[i], i))
                 flat[k] = cands[j]
-                decisions.append((j, min(abs(losses[a] - losses[b]) for a in range(3)
-                                         for b in range(a + 1, 3))))
+                decisions.append((j, min(abs(losses[a] - losses[b]) for a in range(K)
+                                         for b in range(a + 1, K))))
     return P, decisions
 
 
@@ -246,6 +251,49 @@ def test_driver_matches_independent_implementation(backend):
     for name, p in net.named_parameters():
         torch.testing.assert_close(p.data, P[name], rtol=1e-5, atol=1e-6, msg=name)
     assert margins[len(margins) // 10] > 1e-6
+
+
+@pytest.mark.parametrize("backend", ["torch", "fused"])
+def test_variants_match_independent_implementation(backend):
+    """candidate_steps=(1, 2) (five candidates) and batch_start (a doubling minibatch) against
+    the oracle written out with them."""
+    net = tiny_net(seed=7)
+    x, y = toy_data(90, seed=2)
+    P, decisions = _oracle(net, x, y, cycles=3, B=40, alpha=0.1, wd=1e-3, seed=5,
+                           steps=(1.0, 2.0), B0=10)
+    assert {j for j, _ in decisions} >= {0, 1, 2, 3, 4}     # the 2-delta candidates win too
+    rso = RSO(net, cycles=3, batch_size=40, alpha=0.1, weight_decay=1e-3,
+              generator=torch.Generator().manual_seed(5), backend=backend,
+              candidate_steps=(1.0, 2.0), batch_start=10)
+    assert [rso.batch_size(c) for c in range(4)] == [10, 20, 40, 40]
+    stats = list(rso.run(x, y))
+    assert rso.backend == backend and rso.candidates == 5
+    n = sum(p.numel() for p in net.parameters())
+    assert stats[-1].evaluations == n * 5 * (10 + 20 + 40)
+    for name, p in net.named_parameters():
+        torch.testing.assert_close(p.data, P[name], rtol=1e-5, atol=1e-6, msg=name)
+    margins = sorted(m for _, m in decisions)
+    assert margins[len(margins) // 10] > 1e-6
+
+
+def test_variant_options_are_checked_and_kept_by_checkpoints():
+    for bad, match in [(dict(candidate_steps=(0.0,)), "finite positive"),
+                       (dict(candidate_steps=(1.0, float("nan"))), "finite positive"),
+                       (dict(candidate_steps=(1.0, 1.0)), "each once"),
+                       (dict(candidate_steps=()), "at least one"),
+                       (dict(candidate_steps="12"), "sequence of numbers"),
+                       (dict(batch_start=0), r"batch_start must be in \[1, 20\]"),
+                       (dict(batch_start=21), r"batch_start must be in \[1, 20\]")]:
+        with pytest.raises((ValueError, TypeError), match=match):
+            RSO(tiny_net(), batch_size=20, **bad)
+    plain = RSO(tiny_net(), cycles=2, batch_size=20)
+    assert "candidate_steps" not in plain.hparams and "batch_start" not in plain.hparams
+    variant = RSO(tiny_net(), cycles=2, batch_size=20, candidate_steps=[1, 2], batch_start=5)
+    assert variant.hparams["candidate_steps"] == (1.0, 2.0)
+    with pytest.raises(ValueError, match="candidate_steps: saved None vs \\(1.0, 2.0\\)"):
+        variant.load_state_dict(plain.state_dict())
+    with pytest.raises(ValueError, match="batch_start: saved 5 vs None"):
+        plain.load_state_dict(variant.state_dict())
 
 
 def test_full_forward_path_for_non_sequential_models_learns():

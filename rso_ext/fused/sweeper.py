@@ -136,8 +136,10 @@ class FusedSweeper:
     max_chunk = 4096
 
     def __init__(self, plan: Union[Plan, GraphPlan], unit: Unit, chunk: int = 1000,
-                 store: Optional[CacheStore] = None) -> None:
+                 store: Optional[CacheStore] = None, candidates: int = 3) -> None:
         self.plan, self.unit, self.chunk, self.store = plan, unit, chunk, store
+        #: candidates per weight (K), for the memory estimate: the dense suffix runs K * B samples
+        self.candidates = candidates
         self.x = self.z = self.y = None
 
     # -- caches -------------------------------------------------------------------------------
@@ -307,11 +309,13 @@ class FusedSweeper:
             param = self.unit.param
             states = 0 if self.unit.param_name != "weight" else left_out_state_bytes(
                 trace, owner, param.numel() // param.shape[0], pool_size, batch_size)
-            return fused_sweep_estimate(trace, owner, pool_size, batch_size, state_bytes=states)
+            return fused_sweep_estimate(trace, owner, pool_size, batch_size,
+                                        candidates=self.candidates, state_bytes=states)
         size = next(owner.parameters()).element_size()
         side, saved = self.plan.side_widths(self.unit)
         return fused_sweep_estimate(trace, owner, pool_size, batch_size,
-                                    side_bytes=side * size, saved_bytes=saved * size)
+                                    candidates=self.candidates, side_bytes=side * size,
+                                    saved_bytes=saved * size)
 
     # -- the sweep ----------------------------------------------------------------------------
     @torch.no_grad()
@@ -327,7 +331,7 @@ class FusedSweeper:
         for a in range(k0, k1, step):
             b = min(k1, a + step)
             values = candidate_values(param.view(-1)[a:b], _staged(streams.deltas[a:b], dev),
-                                      decay)
+                                      decay, streams.steps)
             batches = streams.batches(a, b)
             lo, hi = distributed.shard(batches.shape[1], "the minibatch size")
             with _across_ranks():

@@ -95,6 +95,9 @@ class PerWeightMethod(RSO):
     candidates = 2
 
     def __init__(self, model: nn.Module, **kwargs: Any) -> None:
+        if "candidate_steps" in kwargs:
+            raise TypeError(f"{type(self).__name__} tries one candidate besides w' per weight; "
+                            "candidate_steps is RSO's option")
         super().__init__(model, **kwargs)
         self.hparams["method"] = self.method
 

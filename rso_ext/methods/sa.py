@@ -98,7 +98,8 @@ class SimulatedAnnealing(PerWeightMethod):
 
     method = "sa"
     summary = "simulated annealing: each weight tries w'+d, Metropolis acceptance"
-    cli_options = {**RSO.cli_options, "temperature": "t0"}
+    cli_options = {**{o: a for o, a in RSO.cli_options.items() if o != "candidate_steps"},
+                   "temperature": "t0"}
 
     def __init__(self, model: nn.Module, *, t0: float = 1e-3, t_final: float = 1e-5,
                  schedule: str = "exp", **kwargs: Any) -> None:
