@@ -287,13 +287,14 @@ def _paper_like(seed: int) -> nn.Sequential:
     return models.he_init_(net, g)
 
 
-def test_seeded_sweeps_make_the_same_decisions_as_the_reference(monkeypatch):
+@pytest.mark.parametrize("steps", [(1.0,), (1.0, 2.0)], ids=["K3", "K5"])
+def test_seeded_sweeps_make_the_same_decisions_as_the_reference(monkeypatch, steps):
     x, y = toy_data(120, seed=4)
     runs = {}
     for backend in ("torch", "fused"):
         net = _paper_like(3)
         rso = RSO(net, cycles=2, batch_size=40, sampler="random", backend=backend,
-                  generator=torch.Generator().manual_seed(9))
+                  generator=torch.Generator().manual_seed(9), candidate_steps=steps)
         stats = list(rso.run(x, y))
         runs[backend] = (net, [s.accepted for s in stats], [s.mean_loss for s in stats])
     (a, acc_a, loss_a), (b, acc_b, loss_b) = runs["torch"], runs["fused"]
