@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import math
+import numbers
 import time
 from typing import Any, Dict, Optional, Sequence, Union
 
@@ -45,7 +46,8 @@ def _candidate_steps(steps: Sequence[float]) -> tuple[float, ...]:
                         f"got {steps!r}")
     out = []
     for s in steps:
-        if isinstance(s, bool) or not isinstance(s, (int, float)) or not math.isfinite(s) or s <= 0:
+        if isinstance(s, bool) or not isinstance(s, numbers.Real) or not math.isfinite(s) or \
+                s <= 0:
             raise ValueError(f"candidate_steps must hold finite positive multiples of delta, "
                              f"got {s!r} in {tuple(steps)!r}")
         out.append(float(s))
@@ -163,10 +165,9 @@ class RSO(Method):
             self.hparams["loss"] = describe(loss)
         if steps != (1.0,):
             self.hparams["candidate_steps"] = steps
+            self.candidates = 1 + 2 * len(steps)     # evaluated per visited weight (K)
         if batch_start is not None:
             self.hparams["batch_start"] = batch_start
-        if steps != (1.0,):               # candidates evaluated per visited weight (K)
-            self.candidates = 1 + 2 * len(steps)
         self.loss = resolve(loss)
         self.generator = generator if generator is not None else torch.Generator().manual_seed(0)
         self.cycle = 0
