@@ -98,7 +98,7 @@ class RSO(Method):
             changes on the CPU (:mod:`rso_ext.precision`).
         candidate_steps: the multiples of delta tried on each side of ``w'``: ``(1.0,)`` (the
             paper's three candidates) by default; ``(1.0, 2.0)`` tries ``w' +- delta`` and
-            ``w' +- 2 delta`` (five), at about 5/3 of the cost per weight.
+            ``w' +- 2 delta`` (five candidates per weight).
         batch_start: the first cycle's minibatch size, doubled every cycle up to ``batch_size``
             (cycle c uses ``min(batch_size, batch_start * 2**c)``); default: ``batch_size`` in
             every cycle, as the paper.
