@@ -15,7 +15,7 @@ import torch
 from . import checkpoint, data, distributed, memory, metrics, models, precision, runtime
 from .methods import METHODS, Method, from_config, method_help, takers
 from .precision import PRECISIONS
-from .rso import BACKENDS, RSO
+from .rso import BACKENDS, RSO, check_candidate_steps
 from .sweep import NonFiniteLossError
 from .streams import SAMPLERS
 
@@ -124,9 +124,10 @@ def _steps(s: str) -> list[float]:
     except ValueError:
         raise argparse.ArgumentTypeError(f"must be numbers separated by commas, got {s!r}") \
             from None
-    if not all(v > 0 and v == v and v != float("inf") for v in out) or len(set(out)) != len(out):
-        raise argparse.ArgumentTypeError(f"must be distinct finite positive numbers, got {s!r}")
-    return out
+    try:                          # RSO's own rules, checked before any file is made
+        return list(check_candidate_steps(out))
+    except (TypeError, ValueError) as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def _nonneg_int(s: str) -> int:

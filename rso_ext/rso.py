@@ -39,7 +39,7 @@ BACKENDS = ("auto", "fused", "torch")
 STATE_FORMAT = 1
 
 
-def _candidate_steps(steps: Sequence[float]) -> tuple[float, ...]:
+def check_candidate_steps(steps: Sequence[float]) -> tuple[float, ...]:
     """``candidate_steps`` as a tuple of floats, or ValueError naming what is wrong."""
     if isinstance(steps, (str, bytes)) or not isinstance(steps, Sequence):
         raise TypeError(f"candidate_steps must be a sequence of numbers such as (1.0, 2.0), "
@@ -133,7 +133,7 @@ class RSO(Method):
         if batch_start is not None:
             check_types(batch_start=(batch_start, int))
             check_range("batch_start", batch_start, 1, batch_size)
-        steps = _candidate_steps(candidate_steps)
+        steps = check_candidate_steps(candidate_steps)
         if memory_limit is not None:
             check_types(memory_limit=(memory_limit, int))
             check_at_least("memory_limit", memory_limit, 0, " bytes")

@@ -42,7 +42,7 @@ def candidate_values(w: torch.Tensor, deltas: torch.Tensor, decay: float,
     wd = w * decay
     cols = [wd]
     for s in steps:
-        d = deltas if s == 1.0 else deltas * s
+        d = deltas * s          # exact for s = 1: the paper's candidates are unchanged
         cols += [wd + d, wd - d]
     return torch.stack(cols, dim=1)
 
