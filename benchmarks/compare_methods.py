@@ -29,9 +29,9 @@ trial ends inside its first cycle).
 the same number for every method), each tried for ``--trial-fraction`` of the budget and ranked
 by **validation** accuracy; the winner gets the full budget. Nothing is selected on the test set.
 
-**Resume**: every finished run (trial or final) is kept in ``<out>/runs.json`` at once; a rerun of
-the same command skips what is there (a run killed midway restarts from its beginning). The
-settings the runs were made under are kept in ``<out>/settings.json``; a rerun under other
+**Resume**: every finished run (trial or final) is kept in ``<out>/runs.json`` at once, with the
+commit it ran at; a rerun of the same command skips what is there (a run killed midway restarts
+from its beginning). The settings the runs were made under are kept in ``<out>/settings.json``; a rerun under other
 settings (budget, trials, sizes, seed, threads) is refused, naming them.
 
 Output: ``<out>/compare_methods_<task>_cpu.json`` (``test_acc_<method>``, ``seconds_<method>``,
@@ -326,8 +326,10 @@ def main(argv=None) -> int:
     else:
         settings_path.write_text(json.dumps(settings, indent=1))
 
+    code = git_commit()     # each run records the code it ran: a comparison spans sessions
+
     def keep(key: str, rec: dict) -> None:
-        runs[key] = rec
+        runs[key] = dict(rec, commit=code)
         tmp = runs_path.with_suffix(".tmp")
         tmp.write_text(json.dumps(runs, indent=1))
         os.replace(tmp, runs_path)
@@ -394,7 +396,7 @@ def main(argv=None) -> int:
         summary[m] = dict(test_acc=fin["curve"][-1]["test_acc"],
                           val_acc=fin["curve"][-1]["val_acc"], seconds=fin["seconds"],
                           cpu_seconds=fin["cpu_seconds"], hparams=fin["hparams"],
-                          cycles=fin.get("cycles"),
+                          cycles=fin.get("cycles"), commit=fin.get("commit"),
                           trials=[dict(hparams=tr["hparams"], val_acc=tr["val_acc"])
                                   for tr in trials])
 
