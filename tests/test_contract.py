@@ -201,8 +201,8 @@ def test_run_stop_ends_a_sweep_inside_its_unit_and_going_on_sweeps_it_again(name
     assert done.weights == n and (whole.cycle, whole.unit) == (0, 1)
     got, ref, init = (t.detach().reshape(-1) for t in (unit.param, whole.units[0].param,
                                                        before[i]))
-    if name != "ticket":         # the ticket's prune to its cap may reach unvisited weights
-        assert torch.equal(got[k:], init[k:])             # the rest untouched
+    assert torch.equal(got[k:], init[k:])                 # the rest untouched (the ticket
+    if name != "ticket":                                  # does not prune a stopped sweep)
         assert torch.equal(got[:k], ref[:k])              # the visited ones as the whole sweep
     assert not torch.equal(got, init)
     for j, (a, b) in enumerate(zip(_weights(part), before)):

@@ -23,6 +23,9 @@ if the unit still keeps more than ``cap_c`` weights, the excess is pruned: the k
 the lowest pruning cost ``L(pruned) - L(kept)`` as measured at their visit in this sweep (weights
 not visited in this sweep rank last, ties by index). So after every sweep each unit holds exactly
 its target sparsity or more, and the choice of what to prune is made by the measured losses.
+A sweep stopped inside the unit (``run(stop=)``) does not prune: the unit is swept again from
+its first weight, and pruning to the cap, one weight at a time, is what let a stopped sweep of a
+large layer overrun its deadline by minutes.
 
 Random streams: those of RSO (:mod:`rso_ext.streams`) with sigma = 0 (the deltas are drawn and not
 used, the minibatches are); nothing else is drawn.
@@ -87,7 +90,7 @@ def ticket_loop(unit: Unit, evaluator, y: Optional[torch.Tensor], k0: int, k1: i
     zero = torch.zeros((), dtype=flat.dtype, device=dev)
     kept = int(mask.sum())
     m = mask[k0:k1].tolist()
-    flips, loss_sum = 0, 0.0
+    flips, loss_sum, stopped = 0, 0.0, False
     for k in range(k0, k1):
         idx = streams.batch(k).to(dev)
         cur = m[k - k0]
@@ -108,10 +111,11 @@ def ticket_loop(unit: Unit, evaluator, y: Optional[torch.Tensor], k0: int, k1: i
             cost[k] = (losses[1] - losses[0]) if cur else (losses[0] - losses[1])
         loss_sum += losses[j]
         if tick is not None and (k % 64 == 63 or k == k1 - 1) and tick(k + 1):
-            break                       # asked to stop: k0 .. k visited, the rest as they were
+            stopped = k < k1 - 1        # asked to stop: k0 .. k visited, the rest as they were
+            break
     mask[k0:k1] = torch.tensor(m, dtype=torch.bool)
     forced = 0
-    if prune and kept > cap:
+    if prune and not stopped and kept > cap:
         on = mask.nonzero().view(-1)
         order = torch.argsort(cost[on], stable=True)
         for k in on[order[:kept - cap]].tolist():
