@@ -61,6 +61,11 @@ class FullForward:
         """Write ``value`` as weight ``k`` of the unit (and keep any cache in step)."""
         self.unit.param.data.view(-1)[k] = value
 
+    def set_many(self, ks: torch.Tensor, values: torch.Tensor) -> None:
+        """:meth:`set` for the weights ``ks`` (int64 [m]) at once."""
+        flat = self.unit.param.data.view(-1)
+        flat[ks.to(flat.device)] = values.to(flat)
+
     def end(self) -> None:
         self.x = None
 

@@ -156,6 +156,10 @@ class _ClosureEvaluator:
             if len(hit):
                 self.last = self._raw[int(hit[0])]
 
+    def set_many(self, ks: torch.Tensor, values: torch.Tensor) -> None:
+        for k, v in zip(ks.tolist(), values):
+            self.set(k, v)
+
     def end(self) -> None:
         pass
 

@@ -276,6 +276,34 @@ def test_z_cache_stays_exact_through_a_sweep(batch):
             sw.end()
 
 
+def test_set_many_writes_the_weights_and_rebuilds_z():
+    # the mask search prunes up to a whole layer at the end of a sweep with one set_many: the
+    # weights must be those written and Z_d that of a fresh build, for a conv and a linear unit
+    net = tiny_net(seed=6, bias=True)
+    x, y = toy_data(40)
+    calibrate(net, x)
+    order = [m for _, m in execution_order(net, x[:2])]
+    plan = lower(net, x[:2])
+    g = torch.Generator().manual_seed(2)
+    seen = 0
+    for unit in visit_units(net, x[:2]):
+        if unit.param_name != "weight" or unit.module not in (net.conv2, net.fc):
+            continue
+        with search_mode(net, order, unit.position):
+            sw = FusedSweeper(plan, unit)
+            sw.begin(x, y)
+            n = unit.param.numel()
+            ks = torch.randperm(n, generator=g)[:n // 2]
+            want = unit.param.detach().clone().view(-1)
+            want[ks] = torch.randn(len(ks), generator=g)
+            sw.set_many(ks, want[ks])
+            assert torch.equal(unit.param.detach().view(-1), want)
+            torch.testing.assert_close(sw.z, unit.module(sw.x), rtol=1e-5, atol=1e-5)
+            sw.end()
+            seen += 1
+    assert seen == 2
+
+
 def _paper_like(seed: int) -> nn.Sequential:
     g = torch.Generator().manual_seed(seed)
     net = nn.Sequential(OrderedDict([

@@ -373,3 +373,17 @@ class FusedSweeper:
         ops.fused_set_weight(
             self.x, self.z, self.unit.param.data, self.prog.program,
             unit_kind=self.prog.unit_kind, unit_op=self.prog.unit_op, k=k, value=float(value))
+
+    @torch.no_grad()
+    def set_many(self, ks: torch.Tensor, values: torch.Tensor) -> None:
+        """Write ``values`` as weights ``ks`` and rebuild ``Z_d`` (one pass of the layer over
+        the pool): what many :meth:`set` calls do, at a fraction of their cost once thousands of
+        weights move (the mask search prunes up to a whole layer at the end of a sweep)."""
+        flat = self.unit.param.data.view(-1)
+        flat[ks.to(flat.device)] = values.to(flat)
+        start = self._start()
+        layer = self.plan.steps[start].module
+        if self.unit.module is layer:          # else Z_d does not depend on this unit
+            f = layer if getattr(self, "_graph", None) is not None else \
+                self._forward(start, start + 1)
+            self.z = self._chunked(f, self.x)

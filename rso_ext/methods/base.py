@@ -63,7 +63,8 @@ def draw_batch(generator: torch.Generator, pool: int, batch_size: int) -> torch.
 # -- per-weight methods ---------------------------------------------------------------------------
 class MethodSweeper:
     """A :class:`rso_ext.sweep.Sweeper` running a method's own weight loop on the candidate
-    evaluator of the backend's sweeper (``losses(k, values, idx, target)`` / ``set(k, value)``)."""
+    evaluator of the backend's sweeper (``losses(k, values, idx, target)`` / ``set(k, value)`` /
+    ``set_many(ks, values)``)."""
 
     def __init__(self, inner: Sweeper, unit: Unit, loop: Callable[..., tuple[int, float]]) -> None:
         self.inner, self.unit, self.loop = inner, unit, loop

@@ -23,9 +23,10 @@ if the unit still keeps more than ``cap_c`` weights, the excess is pruned: the k
 the lowest pruning cost ``L(pruned) - L(kept)`` as measured at their visit in this sweep (weights
 not visited in this sweep rank last, ties by index). So after every sweep each unit holds exactly
 its target sparsity or more, and the choice of what to prune is made by the measured losses.
-A sweep stopped inside the unit (``run(stop=)``) does not prune: the unit is swept again from
-its first weight, and pruning to the cap, one weight at a time, is what let a stopped sweep of a
-large layer overrun its deadline by minutes.
+The excess is pruned at once (``set_many``: the fused backend rebuilds the layer's cache in one
+pass instead of updating it per pruned weight). A sweep stopped inside the unit (``run(stop=)``)
+does not prune: the unit is swept again from its first weight when the run goes on, so a run
+that ends there keeps more than the cap in that unit.
 
 Random streams: those of RSO (:mod:`rso_ext.streams`) with sigma = 0 (the deltas are drawn and not
 used, the minibatches are); nothing else is drawn.
@@ -117,11 +118,10 @@ def ticket_loop(unit: Unit, evaluator, y: Optional[torch.Tensor], k0: int, k1: i
     forced = 0
     if prune and not stopped and kept > cap:
         on = mask.nonzero().view(-1)
-        order = torch.argsort(cost[on], stable=True)
-        for k in on[order[:kept - cap]].tolist():
-            evaluator.set(k, zero)
-            mask[k] = False
-            forced += 1
+        drop = on[torch.argsort(cost[on], stable=True)[:kept - cap]]
+        evaluator.set_many(drop, zero.expand(len(drop)))
+        mask[drop] = False
+        forced = len(drop)
     return flips, forced, loss_sum
 
 
