@@ -30,7 +30,7 @@ the same number for every method), each tried for ``--trial-fraction`` of the bu
 by **validation** accuracy; the winner gets the full budget. Nothing is selected on the test set.
 
 **Resume**: every finished run (trial or final) is kept in ``<out>/runs.json`` at once, with the
-commit it ran at; a rerun of the same command skips what is there (a run killed midway restarts
+commit and the CPU it ran on; a rerun of the same command skips what is there (a run killed midway restarts
 from its beginning). The settings the runs were made under are kept in ``<out>/settings.json``;
 a rerun under other settings (budget, trials, sizes, seed, threads) is refused, naming them.
 
@@ -326,10 +326,11 @@ def main(argv=None) -> int:
     else:
         settings_path.write_text(json.dumps(settings, indent=1))
 
-    code = git_commit()     # each run records the code it ran: a comparison spans sessions
+    # each run records the code and the CPU it ran on: a comparison spans sessions and machines
+    code, cpu_name = git_commit(), device_name("cpu")
 
     def keep(key: str, rec: dict) -> None:
-        runs[key] = dict(rec, commit=code)
+        runs[key] = dict(rec, commit=code, device=cpu_name)
         tmp = runs_path.with_suffix(".tmp")
         tmp.write_text(json.dumps(runs, indent=1))
         os.replace(tmp, runs_path)
@@ -397,6 +398,7 @@ def main(argv=None) -> int:
                           val_acc=fin["curve"][-1]["val_acc"], seconds=fin["seconds"],
                           cpu_seconds=fin["cpu_seconds"], hparams=fin["hparams"],
                           cycles=fin.get("cycles"), commit=fin.get("commit"),
+                          device=fin.get("device"),
                           trials=[dict(hparams=tr["hparams"], val_acc=tr["val_acc"])
                                   for tr in trials])
 

@@ -40,7 +40,7 @@ def test_compare_methods_tiny_budget_and_resume(script, tmp_path, capsys):
     runs = json.loads((tmp_path / "runs.json").read_text())
     assert set(runs) == {f"{m}/{k}" for m in ("rso", "es", "sgd")
                          for k in ("trial0", "trial1", "final")}
-    assert all(r["commit"] for r in runs.values())
+    assert all(r["commit"] and r["device"] for r in runs.values())
     # a rerun finds every run in runs.json and trains nothing
     assert script.main(args) == 0
     again = capsys.readouterr().out
