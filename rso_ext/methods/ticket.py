@@ -21,8 +21,9 @@ mask).
 pruned weight is not turned back on while the unit keeps ``cap_c`` weights. At the end of the sweep,
 if the unit still keeps more than ``cap_c`` weights, the excess is pruned: the kept weights with
 the lowest pruning cost ``L(pruned) - L(kept)`` as measured at their visit in this sweep (weights
-not visited in this sweep rank last, ties by index). So after every sweep each unit holds exactly
-its target sparsity or more, and the choice of what to prune is made by the measured losses.
+not visited in this sweep rank last, ties by index). So after every whole sweep each unit holds
+exactly its target sparsity or more, and the choice of what to prune is made by the measured
+losses.
 The excess is pruned at once (``set_many``: the fused backend rebuilds the layer's cache in one
 pass instead of updating it per pruned weight). A sweep stopped inside the unit (``run(stop=)``)
 does not prune: the unit is swept again from its first weight when the run goes on, so a run
