@@ -31,8 +31,9 @@ by **validation** accuracy; the winner gets the full budget. Nothing is selected
 
 **Resume**: every finished run (trial or final) is kept in ``<out>/runs.json`` at once, with the
 commit and the CPU it ran on; a rerun of the same command skips what is there (a run killed
-midway restarts from its beginning). The settings the runs were made under are kept in ``<out>/settings.json``;
-a rerun under other settings (budget, trials, sizes, seed, threads) is refused, naming them.
+midway restarts from its beginning). The settings the runs were made under are kept in
+``<out>/settings.json``; a rerun under other settings (budget, trials, sizes, seed, threads) is
+refused, naming them.
 
 Output: ``<out>/compare_methods_<task>_cpu.json`` (``test_acc_<method>``, ``seconds_<method>``,
 ``cpu_seconds_<method>`` for every method that ran, the budget and the machine), a PNG of test

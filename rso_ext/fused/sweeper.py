@@ -163,13 +163,13 @@ class FusedSweeper:
                 _same(old["layer"], _snapshot([layer])) else None
             del old    # an outdated Z_d is freed before it is rebuilt
             if self.z is None:
-                self.z = self._chunked(self._forward(start, start + 1), self.x)
+                self.z = self._build_z(start)
         else:
             del old    # free the other layer's caches before building these
             self.x = self._from_stash(start, x, prefix)
             if self.x is None:
                 self.x = self._build_input(start, x)
-            self.z = self._chunked(self._forward(start, start + 1), self.x)
+            self.z = self._build_z(start)
         self.y = y
 
     def _begin_graph(self, x: torch.Tensor, y: torch.Tensor) -> None:
@@ -200,7 +200,7 @@ class FusedSweeper:
             values = {n: (x.contiguous() if n < 0 else filled[n]) for n in wanted}
             del filled
         self.x = values[x_node]
-        self.z = z if z is not None else self._chunked(layer, self.x)
+        self.z = z if z is not None else self._build_z(start)
         self.prog = prog.with_sides(values)
         self._graph = dict(start=start, x=x, version=x._version, wanted=wanted, values=values,
                            deps=deps, layer=layer)
@@ -255,6 +255,17 @@ class FusedSweeper:
             return ops.program_forward(h, prog)
         return run
 
+    def _build_z(self, start: int) -> torch.Tensor:
+        """``Z_d``: the swept layer (step ``start``) over the cached ``X_d``, in chunks (the
+        compiled program forward for a sequential plan, the module for a traced graph)."""
+        layer = self.plan.steps[start].module if self.plan.dag else self._forward(start, start + 1)
+        return self._chunked(layer, self.x)
+
+    def _unit_moves_z(self) -> bool:
+        """Whether the swept unit's weights are those of the layer ``Z_d`` is the output of
+        (not so for a BatchNorm unit after it)."""
+        return self.unit.module is self.plan.steps[self._start()].module
+
     def _chunked(self, f: Callable, x: torch.Tensor) -> torch.Tensor:
         out = None
         for s in range(0, len(x), self.chunk):
@@ -268,7 +279,7 @@ class FusedSweeper:
         kept it exact move by move, but in another rounding than a fresh build, and a run
         resumed from a checkpoint builds it fresh. Rebuilding it (one layer over the pool) keeps
         a resumed run bitwise equal to an uninterrupted one."""
-        if self.x is not None and self.unit.module is self.plan.steps[self._start()].module:
+        if self.x is not None and self._unit_moves_z():
             self.z = None
         graph = getattr(self, "_graph", None)
         if graph is not None:
@@ -381,9 +392,5 @@ class FusedSweeper:
         weights move (the mask search prunes up to a whole layer at the end of a sweep)."""
         flat = self.unit.param.data.view(-1)
         flat[ks.to(flat.device)] = values.to(flat)
-        start = self._start()
-        layer = self.plan.steps[start].module
-        if self.unit.module is layer:          # else Z_d does not depend on this unit
-            f = layer if getattr(self, "_graph", None) is not None else \
-                self._forward(start, start + 1)
-            self.z = self._chunked(f, self.x)
+        if self._unit_moves_z():               # else Z_d does not depend on this unit
+            self.z = self._build_z(self._start())
