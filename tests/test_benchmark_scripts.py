@@ -78,3 +78,21 @@ def test_ablate_paper_runs_each_variant_once_and_resumes(tmp_path):
     again = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
     assert again.returncode == 0 and "ablate_paper: " not in again.stdout   # nothing re-run
     assert json.loads((tmp_path / "a.json").read_text())["results"] == doc["results"]
+
+
+def test_bench_prune_times_both_ways_and_they_leave_the_same_z(tmp_path):
+    out = tmp_path / "p.json"
+    cmd = [sys.executable, str(BENCHMARKS / "bench_prune.py"), "--model", "paper_mnist",
+           "--unit", "conv6.weight", "--pool", "64", "--sample", "8", "--repeats", "2",
+           "--data-root", "embedded", "--out", str(out)]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    doc = json.loads(out.read_text())
+    assert doc["written"] == 1152 and doc["sample"] == 8 and doc["pool"] == 64
+    assert len(doc["set_cpu_seconds"]) == len(doc["set_many_cpu_seconds"]) == 2
+    assert doc["z_rel_diff"] < 1e-5 and doc["ratio"] > 0
+    assert "RESULT model=paper_mnist unit=conv6.weight" in r.stdout
+    bad = subprocess.run(cmd[:5] + ["conv9.weight"] + cmd[6:], capture_output=True, text=True,
+                         timeout=300)
+    assert bad.returncode == 2 and "not a unit of paper_mnist" in bad.stderr
+    assert "conv6.weight" in bad.stderr
