@@ -21,8 +21,8 @@ Each is timed ``--repeats`` times in process CPU time (one thread by default), t
 are written both ways, the largest difference between the two ``Z_d`` relative to their scale is
 printed and recorded (float rounding only: a move adds its delta, the rebuild sums afresh).
 
-Output: ``benchmarks/results/bench_prune_<model>_<unit>_cpu.json`` (or ``--out``) with the
-per-repeat seconds, the ratio, the device and the commit, and a final ``RESULT`` line.
+Output: ``benchmarks/results/bench_prune_<model>_<unit, "." as "_">_cpu.json`` (or ``--out``)
+with the per-repeat seconds, the ratio, the device and the commit, and a final ``RESULT`` line.
 """
 from __future__ import annotations
 
@@ -88,8 +88,8 @@ def main(argv=None) -> int:
     x = splits.train_x[:args.pool].contiguous()
     y = splits.train_y[:args.pool].contiguous()
     model = models.get_model(args.model, torch.Generator().manual_seed(args.seed))
-    rso = RSO(model, batch_size=min(512, len(x)), generator=torch.Generator().manual_seed(args.seed),
-              backend="fused")
+    rso = RSO(model, batch_size=min(512, len(x)), backend="fused",
+              generator=torch.Generator().manual_seed(args.seed))
     rso.calibrate(x)
     names = [f"{u.module_name}.{u.param_name}" for u in rso.units]
     if args.unit not in names:
@@ -147,8 +147,9 @@ def main(argv=None) -> int:
                pool=len(x), sample=len(sample), repeats=args.repeats,
                set_cpu_seconds=per_weight, set_many_cpu_seconds=many, ratio=ratio,
                z_rel_diff=rel_diff)
+    unit_tag = args.unit.replace(".", "_")
     out = Path(args.out) if args.out else (
-        ROOT / "benchmarks" / "results" / f"bench_prune_{args.model}_{args.unit}_cpu.json")
+        ROOT / "benchmarks" / "results" / f"bench_prune_{args.model}_{unit_tag}_cpu.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(doc, indent=1) + "\n")
     print(f"wrote {os.path.relpath(out, Path.cwd())}")
