@@ -409,7 +409,10 @@ def main(argv=None) -> int:
         result[f"test_acc_{m}"] = s["test_acc"]
         result[f"seconds_{m}"] = s["seconds"]
         result[f"cpu_seconds_{m}"] = s["cpu_seconds"]
-    doc = dict(benchmark="compare_methods", device=device_name("cpu"), torch=torch.__version__,
+    # the CPUs the final runs ran on (runs.json names each run's), not only this process's
+    devices = sorted({s["device"] for s in summary.values() if s.get("device")})
+    doc = dict(benchmark="compare_methods", device=", ".join(devices) or device_name("cpu"),
+               torch=torch.__version__,
                commit=git_commit(),
                command="python " + shlex.join([os.path.relpath(sys.argv[0], ROOT)]
                                               + (list(argv) if argv is not None

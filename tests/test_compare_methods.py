@@ -41,12 +41,20 @@ def test_compare_methods_tiny_budget_and_resume(script, tmp_path, capsys):
     assert set(runs) == {f"{m}/{k}" for m in ("rso", "es", "sgd")
                          for k in ("trial0", "trial1", "final")}
     assert all(r["commit"] and r["device"] for r in runs.values())
+    out_json = tmp_path / "compare_methods_paper_mnist_cpu.json"
+    assert json.loads(out_json.read_text())["device"] == runs["rso/final"]["device"]
     # a rerun finds every run in runs.json and trains nothing
     assert script.main(args) == 0
     again = capsys.readouterr().out
     assert "trial 0" not in again and "final" not in again.split("| method")[0]
-    assert json.loads((tmp_path / "compare_methods_paper_mnist_cpu.json").read_text())[
-        "result"] == res
+    assert json.loads(out_json.read_text())["result"] == res
+    # final runs made on another CPU: the JSON (and the plot's title) names every CPU
+    runs["sgd/final"]["device"] = "Other CPU"
+    (tmp_path / "runs.json").write_text(json.dumps(runs))
+    assert script.main(args) == 0
+    capsys.readouterr()
+    assert json.loads(out_json.read_text())["device"] == ", ".join(
+        sorted({runs["rso/final"]["device"], "Other CPU"}))
     # a rerun under another budget would mix incomparable runs: refused, naming the setting
     before = (tmp_path / "runs.json").read_text()
     with pytest.raises(SystemExit):
