@@ -1,10 +1,12 @@
-"""What every benchmark records about where it ran (device name, git commit, default data root),
-and its plotting module."""
+"""What every benchmark records about where it ran (device name, git commit, the command line,
+default data root), and its plotting module."""
 from __future__ import annotations
 
 import os
 import platform
+import shlex
 import subprocess
+import sys
 from pathlib import Path
 
 import torch
@@ -35,6 +37,13 @@ def git_commit() -> str:
         return head + ("-dirty" if dirty else "")
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
+
+
+def command_line(argv=None) -> str:
+    """The command that ran this script, as typed from the repository root: ``python`` and the
+    script's path, then ``argv`` (when ``main`` was given it) or the process's arguments."""
+    args = list(argv) if argv is not None else sys.argv[1:]
+    return "python " + shlex.join([os.path.relpath(sys.argv[0], ROOT), *args])
 
 
 def default_data_root() -> str | None:

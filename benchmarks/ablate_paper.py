@@ -39,7 +39,7 @@ from typing import Callable
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _env import device_name, git_commit  # noqa: E402
+from _env import command_line, device_name, git_commit  # noqa: E402
 
 # one change each against the base settings; None removes the base option, a callable gives the
 # value from the arguments
@@ -173,9 +173,7 @@ def main(argv=None) -> int:
         secs = r.get(f"seconds_{last}")
         print(f"{v:<18} {accs} {diff} {secs if secs is None else round(secs):>9}")
     doc = dict(benchmark="ablate_paper", device=device_name(args.device), commit=git_commit(),
-               command="python " + shlex.join([os.path.relpath(sys.argv[0], ROOT)]
-                                              + (list(argv) if argv is not None
-                                                 else sys.argv[1:])),
+               command=command_line(argv),
                settings=dict(model=args.model, batch_size=args.batch_size,
                              train_size=args.train_size, val_size=args.val_size,
                              cycles=args.cycles, calib_size=args.calib_size, seed=args.seed),

@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shlex
 import sys
 import tempfile
 import time
@@ -38,7 +37,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _env import default_data_root, device_name, git_commit  # noqa: E402
+from _env import command_line, default_data_root, device_name, git_commit  # noqa: E402
 
 from rso_ext import RSO, data, models, runtime  # noqa: E402
 
@@ -121,9 +120,7 @@ def main(argv=None) -> int:
                   reduction_us=1e6 * ranked["reduction_s"])
     doc = dict(benchmark="bench_distributed", device=device_name("cpu"), torch=torch.__version__,
                commit=git_commit(),
-               command="python " + shlex.join([os.path.relpath(sys.argv[0], ROOT)]
-                                              + (list(argv) if argv is not None
-                                                 else sys.argv[1:])),
+               command=command_line(argv),
                model="paper_mnist", backend=args.backend, train_size=args.train_size,
                weights_timed_per_unit=args.weights, one_process=single, ranks=ranked,
                result=result)

@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shlex
 import statistics
 import sys
 import time
@@ -42,7 +41,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _env import default_data_root, device_name, git_commit  # noqa: E402
+from _env import command_line, default_data_root, device_name, git_commit  # noqa: E402
 
 from rso_ext import batchnorm, models, runtime  # noqa: E402
 from rso_ext.data import load_splits  # noqa: E402
@@ -140,9 +139,7 @@ def main(argv=None) -> int:
           f"{rel_diff:.1e} of its largest value")
     doc = dict(benchmark="bench_prune", device=device_name("cpu"), threads=args.threads,
                torch=torch.__version__, commit=git_commit(),
-               command="python " + " ".join(shlex.quote(a) for a in [
-                   os.path.relpath(__file__, Path.cwd()), *(argv if argv is not None
-                                                            else sys.argv[1:])]),
+               command=command_line(argv),
                model=args.model, unit=args.unit, unit_weights=flat.numel(), written=n,
                pool=len(x), sample=len(sample), repeats=args.repeats,
                set_cpu_seconds=per_weight, set_many_cpu_seconds=many, ratio=ratio,

@@ -47,7 +47,6 @@ import json
 import logging
 import math
 import os
-import shlex
 import sys
 import time
 import warnings
@@ -62,7 +61,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _env import default_data_root, device_name, git_commit, pyplot  # noqa: E402
+from _env import command_line, default_data_root, device_name, git_commit, pyplot  # noqa: E402
 
 from rso_ext import data, metrics, models, runtime  # noqa: E402
 from rso_ext.methods import METHODS as SEARCHES  # noqa: E402
@@ -414,9 +413,7 @@ def main(argv=None) -> int:
     doc = dict(benchmark="compare_methods", device=", ".join(devices) or device_name("cpu"),
                torch=torch.__version__,
                commit=git_commit(),
-               command="python " + shlex.join([os.path.relpath(sys.argv[0], ROOT)]
-                                              + (list(argv) if argv is not None
-                                                 else sys.argv[1:])),
+               command=command_line(argv),
                task=args.task, parameters=total_weights, train_size=len(x),
                val_size=len(splits.val_x), test_size=len(splits.test_x),
                data=args.data_root or "embedded subset", budget_cpu_seconds=args.budget,

@@ -34,7 +34,7 @@ from typing import Optional, Sequence
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _env import git_commit  # noqa: E402
+from _env import command_line, git_commit  # noqa: E402
 
 PY = sys.executable
 
@@ -211,9 +211,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             results[name] = json.loads(f.read_text()).get("result", {})
     doc = dict(benchmark="gpu_suite", rehearse=args.rehearse, device=env.get("device"),
                torch=env.get("torch"), cuda=env.get("cuda"), cuda_available=env.get("available"),
-               commit=git_commit(), command="python " + shlex.join(
-                   [os.path.relpath(sys.argv[0], ROOT), *(argv if argv is not None else
-                                                          sys.argv[1:])]),
+               commit=git_commit(), command=command_line(argv),
                budget_s=args.budget, seconds=time.monotonic() - t0, out=str(out),
                steps=records, results=results,
                ok=all(passed(r) or r["optional"] for r in records))
