@@ -18,27 +18,40 @@ namespace cpu {
 
 template <typename T>
 RSO_CPU_CLONES void sums(const T* p, int64_t n, double& s1, double& s2) {
-  // explicit vectors of 8 doubles, two of each (GCC left the plain loop scalar: one
-  // conversion and one add per value); lane j of vector r sums the values 16 i + 8 r + j
-  typedef double d8 __attribute__((vector_size(64)));
-  typedef T t8 __attribute__((vector_size(8 * sizeof(T))));
-  d8 a0 = {}, a1 = {}, q0 = {}, q1 = {};
+  // explicit vectors of 4 doubles (one AVX2 register; GCC leaves the plain loop scalar, and
+  // 8-double vectors spill on AVX2), four of each sum; value 16 i + 4 r + j goes to lane j of
+  // vector r, and the lanes are added in the order of value indices mod 16 at the end
+  typedef double d4 __attribute__((vector_size(32)));
+  typedef T t4 __attribute__((vector_size(4 * sizeof(T))));
+  d4 a0 = {}, a1 = {}, a2 = {}, a3 = {}, q0 = {}, q1 = {}, q2 = {}, q3 = {};
   int64_t i = 0;
   for (; i + 16 <= n; i += 16) {
-    t8 x0, x1;
-    std::memcpy(&x0, p + i, sizeof(t8));
-    std::memcpy(&x1, p + i + 8, sizeof(t8));
-    const d8 v0 = __builtin_convertvector(x0, d8);
-    const d8 v1 = __builtin_convertvector(x1, d8);
+    t4 x0, x1, x2, x3;
+    std::memcpy(&x0, p + i, sizeof(t4));
+    std::memcpy(&x1, p + i + 4, sizeof(t4));
+    std::memcpy(&x2, p + i + 8, sizeof(t4));
+    std::memcpy(&x3, p + i + 12, sizeof(t4));
+    const d4 v0 = __builtin_convertvector(x0, d4);
+    const d4 v1 = __builtin_convertvector(x1, d4);
+    const d4 v2 = __builtin_convertvector(x2, d4);
+    const d4 v3 = __builtin_convertvector(x3, d4);
     a0 += v0;
     q0 += v0 * v0;
     a1 += v1;
     q1 += v1 * v1;
+    a2 += v2;
+    q2 += v2 * v2;
+    a3 += v3;
+    q3 += v3 * v3;
   }
   double t1 = 0.0, t2 = 0.0;
-  for (int j = 0; j < 8; ++j) {
-    t1 += a0[j] + a1[j];
-    t2 += q0[j] + q1[j];
+  for (int j = 0; j < 4; ++j) {
+    t1 += a0[j] + a2[j];
+    t2 += q0[j] + q2[j];
+  }
+  for (int j = 0; j < 4; ++j) {
+    t1 += a1[j] + a3[j];
+    t2 += q1[j] + q3[j];
   }
   for (; i < n; ++i) {
     const double v = static_cast<double>(p[i]);
@@ -177,25 +190,26 @@ template <typename T>
 __attribute__((always_inline)) inline void block8x8(const T* in, const int64_t* toff,
                                                     int64_t taps, const T* wt, int64_t Cn,
                                                     const T* src, T* dst, int64_t cstride) {
-  T acc[8][8];
+  // one explicit vector per channel: GCC kept a T[8][8] array in memory, a load and a store
+  // around every multiply-add
+  typedef T v8 __attribute__((vector_size(8 * sizeof(T))));
+  v8 acc[8];
+#pragma GCC unroll 8
   for (int i = 0; i < 8; ++i) {
-    for (int j = 0; j < 8; ++j) {
-      acc[i][j] = src[i * cstride + j];
-    }
+    std::memcpy(&acc[i], src + i * cstride, sizeof(v8));
   }
   for (int64_t t = 0; t < taps; ++t) {
-    const T* ip = in + toff[t];
+    v8 x;
+    std::memcpy(&x, in + toff[t], sizeof(v8));
     const T* w = wt + t * Cn;
+#pragma GCC unroll 8
     for (int i = 0; i < 8; ++i) {
-      for (int j = 0; j < 8; ++j) {
-        acc[i][j] += w[i] * ip[j];
-      }
+      acc[i] += w[i] * x;
     }
   }
+#pragma GCC unroll 8
   for (int i = 0; i < 8; ++i) {
-    for (int j = 0; j < 8; ++j) {
-      dst[i * cstride + j] = acc[i][j];
-    }
+    std::memcpy(dst + i * cstride, &acc[i], sizeof(v8));
   }
 }
 
@@ -264,6 +278,7 @@ RSO_CPU_CLONES void conv_one_output_channel_s1(const ConvGeom& g, int64_t cin, c
       std::copy(src, src + g.w, pad + (c * hp + y + g.ph) * wp + g.pw);
     }
   }
+  typedef T v8 __attribute__((vector_size(8 * sizeof(T))));
   const int64_t taps = g.kh * g.kw;
   int64_t toff[64];  // each tap's offset in a padded plane (taps <= 64, checked by the caller)
   for (int64_t t = 0; t < taps; ++t) {
@@ -274,38 +289,34 @@ RSO_CPU_CLONES void conv_one_output_channel_s1(const ConvGeom& g, int64_t cin, c
       const int64_t x = g.wo >= 8 ? std::min(xb, g.wo - 8) : 0;
       // four independent sums (input channels c mod 4, each in its own registers) so that
       // the FMA latency overlaps
-      T a0[8] = {}, a1[8] = {}, a2[8] = {}, a3[8] = {};
+      // (explicit vectors: GCC kept T[8] arrays in memory)
+      v8 a0 = {}, a1 = {}, a2 = {}, a3 = {};
       const T* base = pad + y * wp + x;
       int64_t c = 0;
       for (; c + 4 <= cin; c += 4) {
         for (int64_t t = 0; t < taps; ++t) {
           const T* i0 = base + c * hp * wp + toff[t];
-          const T* i1 = i0 + hp * wp;
-          const T* i2 = i1 + hp * wp;
-          const T* i3 = i2 + hp * wp;
-          const T w0 = w[c * taps + t], w1 = w[(c + 1) * taps + t];
-          const T w2 = w[(c + 2) * taps + t], w3 = w[(c + 3) * taps + t];
-          for (int j = 0; j < 8; ++j) {
-            a0[j] += w0 * i0[j];
-            a1[j] += w1 * i1[j];
-            a2[j] += w2 * i2[j];
-            a3[j] += w3 * i3[j];
-          }
+          v8 x0, x1, x2, x3;
+          std::memcpy(&x0, i0, sizeof(v8));
+          std::memcpy(&x1, i0 + hp * wp, sizeof(v8));
+          std::memcpy(&x2, i0 + 2 * hp * wp, sizeof(v8));
+          std::memcpy(&x3, i0 + 3 * hp * wp, sizeof(v8));
+          a0 += w[c * taps + t] * x0;
+          a1 += w[(c + 1) * taps + t] * x1;
+          a2 += w[(c + 2) * taps + t] * x2;
+          a3 += w[(c + 3) * taps + t] * x3;
         }
       }
       for (; c < cin; ++c) {
         for (int64_t t = 0; t < taps; ++t) {
-          const T* i0 = base + c * hp * wp + toff[t];
-          const T w0 = w[c * taps + t];
-          for (int j = 0; j < 8; ++j) {
-            a0[j] += w0 * i0[j];
-          }
+          v8 x0;
+          std::memcpy(&x0, base + c * hp * wp + toff[t], sizeof(v8));
+          a0 += w[c * taps + t] * x0;
         }
       }
+      const v8 sum = bias + ((a0 + a1) + (a2 + a3));
       T res[8];
-      for (int j = 0; j < 8; ++j) {
-        res[j] = bias + ((a0[j] + a1[j]) + (a2[j] + a3[j]));
-      }
+      std::memcpy(res, &sum, sizeof(v8));
       const int64_t n = std::min<int64_t>(8, g.wo);
       std::copy(res, res + n, out + y * g.wo + x);
     }
@@ -417,9 +428,12 @@ at::Tensor mixing_single_add(const Op& op, const at::Tensor& base, const at::Ten
       scalar_t* yp = out.mutable_data_ptr<scalar_t>();
       const int64_t hw = g.ho * g.wo;
       const int64_t plane = Cn * hw;
+      // the K samples g * B + b that share base sample b one after another, so that its planes
+      // are read from cache K - 1 times out of K
       at::parallel_for(0, groups * B, 4, [&](int64_t a, int64_t e) {
         std::vector<scalar_t> pad(phases * hq * wq), tmp(g.wo < 8 ? Cn * g.ho * 8 : 0);
-        for (int64_t n = a; n < e; ++n) {
+        for (int64_t i = a; i < e; ++i) {
+          const int64_t n = (i % groups) * B + i / groups;
           const scalar_t* src = dp + n * g.h * g.w;
           // padded input (r, c) = src (r - ph, c - pw) goes to plane (r % sh, c % sw) at
           // (r / sh, c / sw); the cells no input value reaches stay zero
