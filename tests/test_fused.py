@@ -603,6 +603,24 @@ def _sweep_and_replay(net, x, y, name: str, batch: int = 16):
     return chosen, losses, torch.stack(replay)
 
 
+def test_a_pool_after_a_lazily_swept_layer_matches_the_per_weight_losses():
+    # B=4 on 80 samples: the sweep recomputes channel o per minibatch (lazy_z) and the CPU
+    # passes pool each minibatch's shared state straight from the rows of z with channel o
+    # taken from the recomputed one (cpu::pool2d_rows; conv2 -> a 3x3 pool; conv4 would be
+    # the CPU logits head's).
+    # Replayed weight by weight (z updated per move), the losses must be the same: a pool
+    # that read the stale channel o of z would part from the first accepted move on.
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(80, 1, 8, 8, generator=g)
+    y = torch.randint(0, 3, (80,), generator=g)
+    chosen, losses, replay = _sweep_and_replay(_pooled_strided_net(seed=3), x, y, "conv2.weight",
+                                               batch=4)
+    # the two round differently (a recomputed channel against one updated move by move), and
+    # BatchNorm over 4 samples magnifies it; a stale channel o is off by orders more
+    torch.testing.assert_close(losses, replay, rtol=2e-5, atol=1e-5)
+    assert (chosen != 0).sum() > len(chosen) // 4
+
+
 def test_logits_layer_sweep_with_the_pool_log_sum_exp_matches_per_weight_losses():
     # a pool (40) smaller than a neuron's minibatches (4 weights x 16): the sweep keeps the
     # other logits' log-sum-exp over the pool per neuron (head_evaluate.cpp, pool_rest_losses);

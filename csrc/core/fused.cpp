@@ -298,15 +298,11 @@ at::Tensor evaluate(const Backend& be, const Sweep& s, int64_t k, const at::Tens
   }
   const at::Tensor target_b = s.target.index_select(0, idx);
   const int64_t chain_end = prog.next < 0 ? n_ops : prog.next;
-  // Without a per-neuron state: the shared state z[idx] (channel o recomputed in a lazy
-  // sweep) and its channel o, whose chain the candidates' chains are taken against.
-  at::Tensor zb, cur_o;
+  // Without a per-neuron state: channel o of the shared state z[idx] (recomputed in a lazy
+  // sweep), whose chain the candidates' chains are taken against.
+  at::Tensor cur_o;
   if (!left_out.defined()) {
-    zb = s.z.index_select(0, idx);
-    if (fresh_o.defined()) {
-      zb.narrow(1, st.o, 1).copy_(fresh_o);
-    }
-    cur_o = zb.narrow(1, st.o, 1);
+    cur_o = fresh_o.defined() ? fresh_o : s.z.narrow(1, st.o, 1).index_select(0, idx);
   }
   at::Tensor a_o = zo;
   for (int64_t i = 1; i < chain_end; ++i) {
@@ -323,7 +319,7 @@ at::Tensor evaluate(const Backend& be, const Sweep& s, int64_t k, const at::Tens
     logits = dense_suffix(prog, left_out, a_o, st.o, K);
   } else {
     const at::Tensor d_a = a_o.reshape({K, B, -1}) - cur_o.reshape({1, B, -1});  // [K, B, w]
-    const at::Tensor a_cur = run_dense(prog, 1, chain_end, zb, 1);  // overwrites zb
+    const at::Tensor a_cur = run_dense_rows(prog, chain_end, s.z, idx, st.o, fresh_o);
     if (prog.next < 0) {  // channel-local ops up to the logits
       const int64_t width = d_a.size(2);
       logits = a_cur.reshape({1, B, -1}).repeat({K, 1, 1});
@@ -349,7 +345,7 @@ at::Tensor evaluate(const Backend& be, const Sweep& s, int64_t k, const at::Tens
 // be stale (lazy_z): it is zeroed after the chain.
 at::Tensor left_out_state(const Sweep& s, int64_t o, const at::Tensor& idx) {
   const Program& prog = s.prog;
-  at::Tensor a = run_dense(prog, 1, prog.next, s.z.index_select(0, idx), 1);
+  at::Tensor a = run_dense_rows(prog, prog.next, s.z, idx, -1, at::Tensor());
   if (a.dim() == 2) {  // [B, cout * w] after Flatten (w = 1 for a linear layer)
     const int64_t w = a.size(1) / s.cout;
     a.narrow(1, o * w, w).zero_();

@@ -271,6 +271,22 @@ at::Tensor run_dense(const Program& prog, int64_t begin, int64_t end, at::Tensor
   return x;
 }
 
+at::Tensor run_dense_rows(const Program& prog, int64_t end, const at::Tensor& z,
+                          const at::Tensor& rows, int64_t o, const at::Tensor& channel_o) {
+  const bool swap_o = o >= 0 && channel_o.defined();
+  if (end > 1 && z.dim() == 4 && cpu::handles(z) && (!swap_o || cpu::handles(channel_o))) {
+    const Op& op = prog.ops[1];
+    if ((op.kind == OpKind::AvgPool && !is_identity_pool(op)) || op.kind == OpKind::MaxPool) {
+      return run_dense(prog, 2, end, cpu::pool2d_rows(op, z, rows.contiguous(), o, channel_o), 1);
+    }
+  }
+  at::Tensor x = z.index_select(0, rows);
+  if (swap_o) {
+    x.narrow(1, o, 1).copy_(channel_o);
+  }
+  return run_dense(prog, 1, end, x, 1);
+}
+
 at::Tensor apply_single(const Op& op, const at::Tensor& x, int64_t o, int64_t groups,
                         const at::Tensor& gamma, const at::Tensor& beta) {
   if (op.kind != OpKind::BatchNorm) {

@@ -102,6 +102,13 @@ at::Tensor apply_dense(const Op& op, const at::Tensor& x, int64_t groups);
 at::Tensor run_dense(const Program& prog, int64_t begin, int64_t end, at::Tensor x,
                      int64_t groups, const at::Tensor& plane_sums = at::Tensor());
 
+// run_dense(prog, 1, end, x, 1) with x = z[rows] [B, C, ...] whose channel o is replaced by
+// channel_o [B, 1, ...] where o >= 0 and channel_o is defined: the ops after the swept layer
+// (prog.ops[0]) over a minibatch of its cached output. On the CPU a pooling op first reads
+// the rows where they lie, so the minibatch is never gathered at full resolution.
+at::Tensor run_dense_rows(const Program& prog, int64_t end, const at::Tensor& z,
+                          const at::Tensor& rows, int64_t o, const at::Tensor& channel_o);
+
 // The same op on channel `o` alone: `x` is [G*B, 1, ...] (or [G*B, w] after Flatten), G
 // groups. A BatchNorm takes channel o's parameters, or per-group `gamma`/`beta` [G] when
 // given (the candidates of a swept BatchNorm parameter).

@@ -605,24 +605,46 @@ at::Tensor relu(const at::Tensor& x, bool inplace) {
 }
 
 at::Tensor pool2d(const Op& op, const at::Tensor& x) {
+  return pool2d_rows(op, x, at::Tensor(), -1, at::Tensor());
+}
+
+at::Tensor pool2d_rows(const Op& op, const at::Tensor& x, const at::Tensor& rows, int64_t o,
+                       const at::Tensor& channel_o) {
   TORCH_CHECK(x.dim() == 4, "fused program: a pooling op needs a 4-D input, got ", x.sizes());
   const int64_t k = op.p[0], s = op.p[1], p = op.p[2];
-  const int64_t H = x.size(2), W = x.size(3);
+  const int64_t C = x.size(1), H = x.size(2), W = x.size(3);
   TORCH_CHECK(H + 2 * p >= k && W + 2 * p >= k && 2 * p <= k, "fused program: pooling kernel ",
               k, " with padding ", p, " does not fit the input ", x.sizes());
+  const int64_t N = rows.defined() ? rows.numel() : x.size(0);
+  const bool swap_o = o >= 0 && channel_o.defined();
+  TORCH_CHECK(!rows.defined() || (rows.scalar_type() == at::kLong && rows.is_contiguous()),
+              "fused program: pooling rows must be contiguous int64 indices");
+  TORCH_CHECK(!swap_o || (channel_o.is_contiguous() && channel_o.numel() == N * H * W &&
+                          channel_o.scalar_type() == x.scalar_type()),
+              "fused program: the replacement channel ", channel_o.sizes(),
+              " is not one contiguous [", N, ", 1, ", H, ", ", W, "] plane per row");
   const int64_t Ho = (H + 2 * p - k) / s + 1, Wo = (W + 2 * p - k) / s + 1;
-  at::Tensor out = at::empty({x.size(0), x.size(1), Ho, Wo}, x.options());
+  at::Tensor out = at::empty({N, C, Ho, Wo}, x.options());
   const bool avg = op.kind == OpKind::AvgPool;
+  const int64_t* rp = rows.defined() ? rows.const_data_ptr<int64_t>() : nullptr;
+  for (int64_t n = 0; rp != nullptr && n < N; ++n) {
+    TORCH_CHECK(rp[n] >= 0 && rp[n] < x.size(0), "fused program: pooling row ", rp[n],
+                " is outside the ", x.size(0), " samples");
+  }
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "rso pool2d", [&] {
     const scalar_t* xp = x.const_data_ptr<scalar_t>();
+    const scalar_t* cp = swap_o ? channel_o.const_data_ptr<scalar_t>() : nullptr;
     scalar_t* yp = out.mutable_data_ptr<scalar_t>();
     const int64_t grain = grain_for(Ho * Wo * k * k);
-    at::parallel_for(0, x.size(0) * x.size(1), grain, [&](int64_t a, int64_t b) {
+    at::parallel_for(0, N * C, grain, [&](int64_t a, int64_t b) {
       for (int64_t i = a; i < b; ++i) {
+        const int64_t n = i / C, c = i % C;
+        const scalar_t* src = swap_o && c == o ? cp + n * H * W
+                                               : xp + ((rp ? rp[n] : n) * C + c) * H * W;
         if (k == 2 && s == 2 && p == 0) {
-          pool2x2_plane(xp + i * H * W, yp + i * Ho * Wo, W, Ho, Wo, avg);
+          pool2x2_plane(src, yp + i * Ho * Wo, W, Ho, Wo, avg);
         } else {
-          pool_plane(xp + i * H * W, yp + i * Ho * Wo, H, W, Ho, Wo, k, s, p, avg);
+          pool_plane(src, yp + i * Ho * Wo, H, W, Ho, Wo, k, s, p, avg);
         }
       }
     });

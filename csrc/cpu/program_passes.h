@@ -49,6 +49,12 @@ at::Tensor relu(const at::Tensor& x, bool inplace);
 // AvgPool2d (count_include_pad, floor mode) and MaxPool2d (NaN propagates) of [N, C, H, W].
 at::Tensor pool2d(const Op& op, const at::Tensor& x);
 
+// pool2d of the samples `rows` [B] (int64) of x [N, C, H, W], read where they lie (no
+// gathered copy of x[rows] first), channel o of sample i read from channel_o [B, 1, H, W]
+// instead where o >= 0 and channel_o is defined: the same values as pool2d of the gather.
+at::Tensor pool2d_rows(const Op& op, const at::Tensor& x, const at::Tensor& rows, int64_t o,
+                       const at::Tensor& channel_o);
+
 // Mean over the spatial positions: [N, C, H, W] -> [N, C, 1, 1].
 at::Tensor global_avg_pool(const at::Tensor& x);
 
