@@ -25,8 +25,8 @@ inline int64_t grain_for(int64_t work) {
   return std::max<int64_t>(1, (int64_t{1} << 14) / std::max<int64_t>(1, work));
 }
 
-// s1 += sum and s2 += sum of squares of p[0..n), in double (eight independent accumulators,
-// so the loop vectorises without reassociating a single running sum).
+// s1 += sum and s2 += sum of squares of p[0..n), in double (sixteen partial sums in four
+// vectors of four each, so the loop vectorises without reassociating a single running sum).
 template <typename T>
 void sums(const T* p, int64_t n, double& s1, double& s2);
 
