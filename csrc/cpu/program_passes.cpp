@@ -20,7 +20,8 @@ template <typename T>
 RSO_CPU_CLONES void sums(const T* p, int64_t n, double& s1, double& s2) {
   // explicit vectors of 4 doubles (one AVX2 register; GCC leaves the plain loop scalar, and
   // 8-double vectors spill on AVX2), four of each sum; value 16 i + 4 r + j goes to lane j of
-  // vector r, and the lanes are added in the order of value indices mod 16 at the end
+  // vector r. At the end the partial sums of values m and m + 8 (mod 16) are added for
+  // m = 0..7 in turn: the order of the former 8-double vectors, so the sums are unchanged.
   typedef double d4 __attribute__((vector_size(32)));
   typedef T t4 __attribute__((vector_size(4 * sizeof(T))));
   d4 a0 = {}, a1 = {}, a2 = {}, a3 = {}, q0 = {}, q1 = {}, q2 = {}, q3 = {};
