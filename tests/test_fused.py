@@ -123,6 +123,39 @@ def test_random_nets_of_every_supported_op_match_the_reference(seed):
     _check_all_units(net, x, y)
 
 
+def _wide_net(seed: int) -> nn.Sequential:
+    """Convolutions of 8 and more channels on 13 x 11 planes: the CPU runs them channels-last
+    (cpu::conv2d_channels_last), their input written in that layout by a BatchNorm before them
+    (with and without a ReLU) or transposed by the conv itself (after a ReLU alone); 12
+    channels and 143 / 42 positions leave rows and columns past the 8 x 8 transpose tiles."""
+    g = torch.Generator().manual_seed(seed)
+    net = nn.Sequential(OrderedDict([
+        ("conv1", nn.Conv2d(2, 8, 3, padding=1)), ("bn1", nn.BatchNorm2d(8)), ("relu1", nn.ReLU()),
+        ("conv2", nn.Conv2d(8, 12, 3, padding=1, bias=False)), ("bn2", nn.BatchNorm2d(12)),
+        ("conv3", nn.Conv2d(12, 9, 3, stride=2, padding=1)), ("relu3", nn.ReLU()),
+        ("conv4", nn.Conv2d(9, 8, 1)), ("bn4", nn.BatchNorm2d(8)), ("relu4", nn.ReLU()),
+        ("gap", nn.AdaptiveAvgPool2d(1)), ("flat", nn.Flatten()), ("out", nn.Linear(8, 4))]))
+    return _randomise(models.he_init_(net, g), g)
+
+
+def test_channels_last_convolutions_match_the_reference():
+    net = _wide_net(seed=0)
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(40, 2, 13, 11, generator=g)
+    y = torch.randint(0, 4, (40,), generator=g)
+    _check_all_units(net, x, y, per_unit=3)
+    plan = lower(net, x[:2])
+    for train in (False, True):
+        for m in net.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.train(train)
+        got = ops.program_forward(x, plan.forward_program(0, len(plan.steps)))
+        with torch.no_grad():
+            want = net(x)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        assert got.is_contiguous()
+
+
 def _head_net(seed: int) -> nn.Sequential:
     """Every chain the CPU logits head takes: conv + bias -> BN -> GAP -> BN1d -> ReLU ->
     linear + bias -> BN1d -> ReLU -> dropout -> linear + bias (the logits)."""

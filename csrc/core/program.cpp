@@ -199,6 +199,9 @@ at::Tensor apply_dense(const Op& op, const at::Tensor& x, int64_t groups) {
       if (cpu::handles(x) && op.t[0].size(0) == 1) {  // ... and on one output channel
         return cpu::conv2d_one_output(op, x);
       }
+      if (cpu::channels_last_conv(op, x)) {
+        return cpu::conv2d_channels_last(op, x);
+      }
       return at::conv2d(x, op.t[0], op.t[1], {op.p[0], op.p[1]}, {op.p[2], op.p[3]});
     case OpKind::Linear:
       return at::linear(x, op.t[0], op.t[1]);
@@ -260,10 +263,14 @@ at::Tensor run_dense(const Program& prog, int64_t begin, int64_t end, at::Tensor
         x = cpu::relu(x, /*inplace=*/true);
         continue;
       }
+      const at::Tensor sums = i == begin ? plane_sums : at::Tensor();
       const bool relu = i + 1 < end && prog.ops[i + 1].kind == OpKind::ReLU;
-      x = cpu::batch_norm(op, x, groups, -1, {}, {}, relu, /*inplace=*/true,
-                          i == begin ? plane_sums : at::Tensor());
       i += relu ? 1 : 0;
+      // a convolution next that runs channels-last (cpu::conv2d_channels_last) reads the
+      // result in that layout: written so directly, instead of transposed by the conv
+      const bool to_conv = i + 1 < end && cpu::channels_last_conv(prog.ops[i + 1], x);
+      x = cpu::batch_norm(op, x, groups, -1, {}, {}, relu, /*inplace=*/!to_conv,
+                          sums, to_conv);
       continue;
     }
     x = apply_dense(op, x, groups);

@@ -99,6 +99,8 @@ at::Tensor apply_dense(const Op& op, const at::Tensor& x, int64_t groups);
 // temporary of the caller's, which the CPU passes may overwrite (a BatchNorm followed by a
 // ReLU is then one pass in place). `plane_sums`, when defined (cpu::mixing_single_add's), are
 // the per-plane sums of `x` that a BatchNorm at `begin` takes for its statistics on the CPU.
+// On the CPU a float32 convolution of 8+ channels runs channels-last, its input written in
+// that layout by the BatchNorm (+ ReLU) pass before it; what run_dense returns is contiguous.
 at::Tensor run_dense(const Program& prog, int64_t begin, int64_t end, at::Tensor x,
                      int64_t groups, const at::Tensor& plane_sums = at::Tensor());
 

@@ -523,6 +523,127 @@ at::Tensor conv2d_one_channel(const Op& op, const at::Tensor& x) {
   return cpu::mixing_single_add(op, base, x, /*o=*/0, x.size(0));
 }
 
+namespace {
+
+// Row i of a tile, after the BatchNorm of a row-per-channel matrix when `center` is given:
+// (v - center[i]) * scale[i] + shift[i], then max(., 0) when `relu` (NaN passes, as affine).
+struct RowAffine {
+  const float* center = nullptr;
+  const float* scale = nullptr;
+  const float* shift = nullptr;
+  bool relu = false;
+};
+
+// out[j * rows + i] = f_i(in[i * cols + j]): a [rows, cols] float matrix transposed, with
+// row i mapped by the RowAffine f_i (identity by default). Whole tiles of 8 rows x 8 columns
+// are transposed in registers (eight 8-float vectors, the unpack / shuffle / 128-bit permute
+// sequence), the rows and columns past them one by one.
+RSO_CPU_CLONES void transpose_matrix(const float* in, float* out, int64_t rows, int64_t cols,
+                                     RowAffine f) {
+  typedef float v8 __attribute__((vector_size(32)));
+  const v8 zero = {};
+  const int64_t rows8 = rows / 8 * 8, cols8 = cols / 8 * 8;
+  for (int64_t j0 = 0; j0 < cols8; j0 += 8) {
+    for (int64_t i0 = 0; i0 < rows8; i0 += 8) {
+      v8 r[8];
+#pragma GCC unroll 8
+      for (int i = 0; i < 8; ++i) {
+        std::memcpy(&r[i], in + (i0 + i) * cols + j0, sizeof(v8));
+        if (f.center != nullptr) {
+          r[i] = (r[i] - f.center[i0 + i]) * f.scale[i0 + i] + f.shift[i0 + i];
+          if (f.relu) {
+            r[i] = r[i] > zero ? r[i] : (r[i] == r[i] ? zero : r[i]);
+          }
+        }
+      }
+      v8 t[8], u[8];
+#pragma GCC unroll 4
+      for (int i = 0; i < 4; ++i) {
+        t[2 * i] = __builtin_shufflevector(r[2 * i], r[2 * i + 1], 0, 8, 1, 9, 4, 12, 5, 13);
+        t[2 * i + 1] = __builtin_shufflevector(r[2 * i], r[2 * i + 1], 2, 10, 3, 11, 6, 14, 7, 15);
+      }
+#pragma GCC unroll 2
+      for (int h = 0; h < 2; ++h) {  // rows 0-3 (h = 0) and 4-7 (h = 1)
+        const v8 a = t[4 * h], b = t[4 * h + 1], c = t[4 * h + 2], d = t[4 * h + 3];
+        u[4 * h] = __builtin_shufflevector(a, c, 0, 1, 8, 9, 4, 5, 12, 13);
+        u[4 * h + 1] = __builtin_shufflevector(a, c, 2, 3, 10, 11, 6, 7, 14, 15);
+        u[4 * h + 2] = __builtin_shufflevector(b, d, 0, 1, 8, 9, 4, 5, 12, 13);
+        u[4 * h + 3] = __builtin_shufflevector(b, d, 2, 3, 10, 11, 6, 7, 14, 15);
+      }
+#pragma GCC unroll 4
+      for (int j = 0; j < 4; ++j) {  // columns j and j + 4 of the tile
+        const v8 lo = __builtin_shufflevector(u[j], u[4 + j], 0, 1, 2, 3, 8, 9, 10, 11);
+        const v8 hi = __builtin_shufflevector(u[j], u[4 + j], 4, 5, 6, 7, 12, 13, 14, 15);
+        std::memcpy(out + (j0 + j) * rows + i0, &lo, sizeof(v8));
+        std::memcpy(out + (j0 + j + 4) * rows + i0, &hi, sizeof(v8));
+      }
+    }
+  }
+  auto one = [&](int64_t i, int64_t j) {
+    float v = in[i * cols + j];
+    if (f.center != nullptr) {
+      v = (v - f.center[i]) * f.scale[i] + f.shift[i];
+      if (f.relu) {
+        v = v > 0.0f ? v : (v == v ? 0.0f : v);
+      }
+    }
+    out[j * rows + i] = v;
+  };
+  for (int64_t i = rows8; i < rows; ++i) {
+    for (int64_t j = 0; j < cols8; ++j) {
+      one(i, j);
+    }
+  }
+  for (int64_t j = cols8; j < cols; ++j) {
+    for (int64_t i = 0; i < rows; ++i) {
+      one(i, j);
+    }
+  }
+}
+
+// Every sample's [rows, cols] block of `in` transposed into `out`, parallel over samples;
+// sample n's rows mapped by affine(n) (a RowAffine).
+template <typename F>
+void transpose_samples(const float* in, float* out, int64_t n, int64_t rows, int64_t cols,
+                       const F& affine) {
+  at::parallel_for(0, n, grain_for(rows * cols), [&](int64_t a, int64_t e) {
+    for (int64_t i = a; i < e; ++i) {
+      transpose_matrix(in + i * rows * cols, out + i * rows * cols, rows, cols, affine(i));
+    }
+  });
+}
+
+void transpose_samples(const float* in, float* out, int64_t n, int64_t rows, int64_t cols) {
+  transpose_samples(in, out, n, rows, cols, [](int64_t) { return RowAffine{}; });
+}
+
+}  // namespace
+
+bool channels_last_conv(const Op& op, const at::Tensor& x) {
+  return !device_generic_paths() && op.kind == OpKind::Conv && x.device().is_cpu() &&
+         x.scalar_type() == at::kFloat && x.dim() == 4 && op.t[0].size(0) >= 8 &&
+         op.t[0].size(1) >= 8 &&
+         (x.is_contiguous() || x.is_contiguous(at::MemoryFormat::ChannelsLast));
+}
+
+at::Tensor conv2d_channels_last(const Op& op, const at::Tensor& x) {
+  const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
+  at::Tensor xl = x;
+  if (!x.is_contiguous(at::MemoryFormat::ChannelsLast)) {
+    xl = at::empty({N, C, H, W}, x.options().memory_format(at::MemoryFormat::ChannelsLast));
+    transpose_samples(x.const_data_ptr<float>(), xl.mutable_data_ptr<float>(), N, C, H * W);
+  }
+  const at::Tensor y = at::conv2d(xl, op.t[0].contiguous(at::MemoryFormat::ChannelsLast), op.t[1],
+                                  {op.p[0], op.p[1]}, {op.p[2], op.p[3]});
+  if (!y.is_contiguous(at::MemoryFormat::ChannelsLast) || y.size(1) == 1) {
+    return y.contiguous();
+  }
+  const int64_t Co = y.size(1), P = y.size(2) * y.size(3);
+  at::Tensor out = at::empty(y.sizes(), x.options());
+  transpose_samples(y.const_data_ptr<float>(), out.mutable_data_ptr<float>(), N, P, Co);
+  return out;
+}
+
 bool handles(const at::Tensor& x) {
   return !device_generic_paths() && x.device().is_cpu() && x.is_contiguous() &&
          (x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble);
@@ -530,13 +651,21 @@ bool handles(const at::Tensor& x) {
 
 at::Tensor batch_norm(const Op& op, const at::Tensor& x, int64_t groups, int64_t o,
                       const at::Tensor& gamma, const at::Tensor& beta, bool relu, bool inplace,
-                      const at::Tensor& plane_sums) {
+                      const at::Tensor& plane_sums, bool channels_last) {
   const int64_t N = x.size(0), C = x.size(1);
   const int64_t B = N / groups;
   const int64_t HW = N * C == 0 ? 0 : x.numel() / (N * C);
   const bool batch_stats = op.p[0] == 1;
   const bool group_gamma = gamma.defined(), group_beta = beta.defined();
-  at::Tensor out = inplace ? x : at::empty_like(x);
+  TORCH_CHECK(!channels_last ||
+                  (x.dim() == 4 && o < 0 && !inplace && x.scalar_type() == at::kFloat),
+              "fused program: a channels-last BatchNorm output needs a dense float32 "
+              "[N, C, H, W] input and a new output, got ", x.sizes());
+  const auto layout = channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
+  at::Tensor out = inplace ? x : at::empty(x.sizes(), x.options().memory_format(layout));
+  // channels_last: every (group, channel)'s centre, scale and shift, applied afterwards
+  // while each sample is transposed
+  std::vector<float> coef(channels_last ? 3 * groups * C : 0);
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "rso batch_norm", [&] {
     const scalar_t* xp = x.const_data_ptr<scalar_t>();
     scalar_t* yp = out.mutable_data_ptr<scalar_t>();
@@ -583,6 +712,12 @@ at::Tensor batch_norm(const Op& op, const at::Tensor& x, int64_t groups, int64_t
         const scalar_t m = static_cast<scalar_t>(mean);
         const scalar_t sc = static_cast<scalar_t>(gm / std::sqrt(var + op.eps));
         const scalar_t sh = static_cast<scalar_t>(bt);
+        if (channels_last) {
+          coef[t] = static_cast<float>(m);
+          coef[groups * C + t] = static_cast<float>(sc);
+          coef[2 * groups * C + t] = static_cast<float>(sh);
+          continue;
+        }
         for (int64_t b = 0; b < B; ++b) {
           const int64_t off = ((g * B + b) * C + c) * HW;
           affine(xp + off, yp + off, HW, m, sc, sh, relu);
@@ -590,6 +725,15 @@ at::Tensor batch_norm(const Op& op, const at::Tensor& x, int64_t groups, int64_t
       }
     });
   });
+  if (channels_last) {
+    const float* cp = coef.data();
+    transpose_samples(x.const_data_ptr<float>(), out.mutable_data_ptr<float>(), N, C, HW,
+                      [&](int64_t n) {
+                        const int64_t first = n / B * C;  // sample n's group's channel 0
+                        return RowAffine{cp + first, cp + groups * C + first,
+                                         cp + 2 * groups * C + first, relu};
+                      });
+  }
   return out;
 }
 
