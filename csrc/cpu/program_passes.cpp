@@ -4,6 +4,7 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <cstdint>
 #include <cstring>
 #include <cmath>
 #include <limits>
@@ -534,21 +535,31 @@ struct RowAffine {
   bool relu = false;
 };
 
+typedef float f8 __attribute__((vector_size(32)));
+typedef int32_t i8 __attribute__((vector_size(32)));
+
+// The 8 floats of the 16 in a ++ b at indices m0..m7 (GCC's __builtin_shuffle; clang and
+// GCC 12+ spell it __builtin_shufflevector, which older GCC lacks).
+#if defined(__clang__)
+#define RSO_SHUFFLE8(a, b, ...) __builtin_shufflevector(a, b, __VA_ARGS__)
+#else
+#define RSO_SHUFFLE8(a, b, ...) __builtin_shuffle(a, b, i8{__VA_ARGS__})
+#endif
+
 // out[j * rows + i] = f_i(in[i * cols + j]): a [rows, cols] float matrix transposed, with
 // row i mapped by the RowAffine f_i (identity by default). Whole tiles of 8 rows x 8 columns
 // are transposed in registers (eight 8-float vectors, the unpack / shuffle / 128-bit permute
 // sequence), the rows and columns past them one by one.
 RSO_CPU_CLONES void transpose_matrix(const float* in, float* out, int64_t rows, int64_t cols,
                                      RowAffine f) {
-  typedef float v8 __attribute__((vector_size(32)));
-  const v8 zero = {};
+  const f8 zero = {};
   const int64_t rows8 = rows / 8 * 8, cols8 = cols / 8 * 8;
   for (int64_t j0 = 0; j0 < cols8; j0 += 8) {
     for (int64_t i0 = 0; i0 < rows8; i0 += 8) {
-      v8 r[8];
+      f8 r[8];
 #pragma GCC unroll 8
       for (int i = 0; i < 8; ++i) {
-        std::memcpy(&r[i], in + (i0 + i) * cols + j0, sizeof(v8));
+        std::memcpy(&r[i], in + (i0 + i) * cols + j0, sizeof(f8));
         if (f.center != nullptr) {
           r[i] = (r[i] - f.center[i0 + i]) * f.scale[i0 + i] + f.shift[i0 + i];
           if (f.relu) {
@@ -556,26 +567,26 @@ RSO_CPU_CLONES void transpose_matrix(const float* in, float* out, int64_t rows, 
           }
         }
       }
-      v8 t[8], u[8];
+      f8 t[8], u[8];
 #pragma GCC unroll 4
       for (int i = 0; i < 4; ++i) {
-        t[2 * i] = __builtin_shufflevector(r[2 * i], r[2 * i + 1], 0, 8, 1, 9, 4, 12, 5, 13);
-        t[2 * i + 1] = __builtin_shufflevector(r[2 * i], r[2 * i + 1], 2, 10, 3, 11, 6, 14, 7, 15);
+        t[2 * i] = RSO_SHUFFLE8(r[2 * i], r[2 * i + 1], 0, 8, 1, 9, 4, 12, 5, 13);
+        t[2 * i + 1] = RSO_SHUFFLE8(r[2 * i], r[2 * i + 1], 2, 10, 3, 11, 6, 14, 7, 15);
       }
 #pragma GCC unroll 2
       for (int h = 0; h < 2; ++h) {  // rows 0-3 (h = 0) and 4-7 (h = 1)
-        const v8 a = t[4 * h], b = t[4 * h + 1], c = t[4 * h + 2], d = t[4 * h + 3];
-        u[4 * h] = __builtin_shufflevector(a, c, 0, 1, 8, 9, 4, 5, 12, 13);
-        u[4 * h + 1] = __builtin_shufflevector(a, c, 2, 3, 10, 11, 6, 7, 14, 15);
-        u[4 * h + 2] = __builtin_shufflevector(b, d, 0, 1, 8, 9, 4, 5, 12, 13);
-        u[4 * h + 3] = __builtin_shufflevector(b, d, 2, 3, 10, 11, 6, 7, 14, 15);
+        const f8 a = t[4 * h], b = t[4 * h + 1], c = t[4 * h + 2], d = t[4 * h + 3];
+        u[4 * h] = RSO_SHUFFLE8(a, c, 0, 1, 8, 9, 4, 5, 12, 13);
+        u[4 * h + 1] = RSO_SHUFFLE8(a, c, 2, 3, 10, 11, 6, 7, 14, 15);
+        u[4 * h + 2] = RSO_SHUFFLE8(b, d, 0, 1, 8, 9, 4, 5, 12, 13);
+        u[4 * h + 3] = RSO_SHUFFLE8(b, d, 2, 3, 10, 11, 6, 7, 14, 15);
       }
 #pragma GCC unroll 4
       for (int j = 0; j < 4; ++j) {  // columns j and j + 4 of the tile
-        const v8 lo = __builtin_shufflevector(u[j], u[4 + j], 0, 1, 2, 3, 8, 9, 10, 11);
-        const v8 hi = __builtin_shufflevector(u[j], u[4 + j], 4, 5, 6, 7, 12, 13, 14, 15);
-        std::memcpy(out + (j0 + j) * rows + i0, &lo, sizeof(v8));
-        std::memcpy(out + (j0 + j + 4) * rows + i0, &hi, sizeof(v8));
+        const f8 lo = RSO_SHUFFLE8(u[j], u[4 + j], 0, 1, 2, 3, 8, 9, 10, 11);
+        const f8 hi = RSO_SHUFFLE8(u[j], u[4 + j], 4, 5, 6, 7, 12, 13, 14, 15);
+        std::memcpy(out + (j0 + j) * rows + i0, &lo, sizeof(f8));
+        std::memcpy(out + (j0 + j + 4) * rows + i0, &hi, sizeof(f8));
       }
     }
   }
@@ -635,7 +646,7 @@ at::Tensor conv2d_channels_last(const Op& op, const at::Tensor& x) {
   }
   const at::Tensor y = at::conv2d(xl, op.t[0].contiguous(at::MemoryFormat::ChannelsLast), op.t[1],
                                   {op.p[0], op.p[1]}, {op.p[2], op.p[3]});
-  if (!y.is_contiguous(at::MemoryFormat::ChannelsLast) || y.size(1) == 1) {
+  if (!y.is_contiguous(at::MemoryFormat::ChannelsLast)) {
     return y.contiguous();
   }
   const int64_t Co = y.size(1), P = y.size(2) * y.size(3);
