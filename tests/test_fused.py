@@ -144,16 +144,7 @@ def test_channels_last_convolutions_match_the_reference():
     x = torch.randn(40, 2, 13, 11, generator=g)
     y = torch.randint(0, 4, (40,), generator=g)
     _check_all_units(net, x, y, per_unit=3)
-    plan = lower(net, x[:2])
-    for train in (False, True):
-        for m in net.modules():
-            if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                m.train(train)
-        got = ops.program_forward(x, plan.forward_program(0, len(plan.steps)))
-        with torch.no_grad():
-            want = net(x)
-        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
-        assert got.is_contiguous()
+    _assert_program_forward_matches(net, x)
 
 
 def _head_net(seed: int) -> nn.Sequential:
@@ -564,6 +555,25 @@ def test_stash_keeps_shallower_inputs_within_the_largest_layer_cache():
     assert plan.stash_points(names.index("conv1")) == []
 
 
+def _assert_program_forward_matches(net: nn.Module, x: torch.Tensor) -> ops.Program:
+    """rso_ext::program_forward of the whole net against its modules, BatchNorm with running
+    statistics (eval) and with batch statistics (train), the result contiguous; returns the
+    last (train-mode) program."""
+    plan = lower(net, x[:2])
+    for train in (False, True):
+        net.eval()
+        for m in net.modules():   # BatchNorm statistics by mode; Dropout stays off
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.train(train)
+        prog = plan.forward_program(0, len(plan.steps))
+        got = ops.program_forward(x, prog)
+        with torch.no_grad():
+            want = net(x)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        assert got.is_contiguous()
+    return prog
+
+
 @pytest.mark.parametrize("seed", range(6))
 def test_program_forward_equals_the_modules(seed):
     """rso_ext::program_forward (the CPU passes that build the caches) against the modules,
@@ -585,17 +595,7 @@ def test_program_forward_equals_the_modules(seed):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(20, net[0].in_channels, 12, 12, generator=g)
     calibrate(net, x)
-    plan = lower(net, x[:2])
-    for train in (False, True):
-        net.eval()
-        for m in net.modules():   # BatchNorm statistics by mode; Dropout stays off
-            if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                m.train(train)
-        prog = plan.forward_program(0, len(plan.steps))
-        got = ops.program_forward(x, prog)
-        with torch.no_grad():
-            want = net(x)
-        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    prog = _assert_program_forward_matches(net, x)
     x0 = x.clone()
     ops.program_forward(x, ops.Program([ops.RELU], [0, 0, 0, 0], [0.0], [None] * 4))  # ReLU first
     assert torch.equal(x, x0), "program_forward must not write over its input"
