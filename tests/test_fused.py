@@ -679,21 +679,17 @@ def _flatten_net(seed: int) -> nn.Sequential:
 
 
 @pytest.mark.parametrize("make,name", [(tiny_net, "conv1.weight"), (_flatten_net, "conv1.weight"),
-                                       (_flatten_net, "conv2.weight"), (_flatten_net, "fc1.weight"),
+                                       (_flatten_net, "conv2.weight"),
                                        (_pooled_strided_net, "conv1.weight"),
                                        (_pooled_strided_net, "conv2.weight")])
-def test_per_neuron_states_of_recurring_minibatches_match_the_plain_evaluation(make, name,
-                                                                            code_paths):
+def test_per_neuron_states_of_recurring_minibatches_match_the_plain_evaluation(make, name):
     # pool 48, B=16: the shuffle sampler cycles through 3 minibatches, so each recurs within
     # every neuron and the sweep evaluates those weights on the next layer's output with the
     # neuron's channel left out, kept per (neuron, minibatch) (csrc/core/fused.cpp,
     # left_out_state; conv1 with one input channel also recomputes its channel per minibatch,
     # lazy_z). Replayed weight by weight, the plain evaluation gives the same losses and
     # decisions; its rounding differs, so bitwise equal losses would mean no state was used.
-    # A hidden linear layer (fc1) takes the states on the device-generic path; the CPU passes
-    # evaluate it with the logits head instead.
-    if name == "fc1.weight" and code_paths == "cpu-passes":
-        pytest.skip("the CPU logits head sweeps fc1, without per-neuron states")
+    # (A hidden linear layer before the output layer is a logits head's, on every backend.)
     x, y = toy_data(48, seed=6)
     chosen, losses, replay = _sweep_and_replay(make(seed=2), x, y, name)
     torch.testing.assert_close(losses, replay, rtol=RTOL, atol=1e-6)

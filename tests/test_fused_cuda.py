@@ -24,7 +24,7 @@ from rso_ext.sweep import NonFiniteLossError
 from rso_ext.visit import execution_order, visit_units
 
 from helpers import SmallRes, fused_sweep, tiny_net, toy_data
-from test_fused import RTOL, _paper_like, _random_net
+from test_fused import RTOL, _head_net, _paper_like, _random_net
 from test_fused_graph import _ResNet
 
 pytestmark = [
@@ -102,6 +102,18 @@ def test_float64_nets_match_cpu():
     x = torch.randn(48, net[0].in_channels, 12, 12, generator=g, dtype=torch.float64)
     y = torch.randint(0, 4, (48,), generator=g)
     _compare_devices(net, x, y, per_unit=2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_logits_head_chains_match_cpu_and_reference(dtype):
+    # every chain the device head takes (csrc/core/device_head.h, csrc/cuda/head.cu): a conv
+    # through BN and global pooling, BN1d, ReLU, a hidden linear layer, the logits layer, and
+    # the BatchNorm parameters of the chain, against the CPU head and the reference
+    net = _head_net(3).to(dtype)
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(48, 1, 8, 8, generator=g, dtype=dtype)
+    y = torch.randint(0, 4, (48,), generator=g)
+    _compare_devices(net, x, y, per_unit=3)
 
 
 @pytest.mark.parametrize("sampler", ["random", "shuffle"])

@@ -58,8 +58,9 @@ struct Program {
 
 // Test switch (rso_ext.ops.device_generic_paths): while on, CPU tensors take the
 // device-generic code the CUDA backend runs (ATen passes, channel_candidates_aten, the default
-// recompute and refresh of a lazy channel, no CPU logits head) instead of the hand-written CPU
-// passes, so that the CPU tests exercise that code too. Off by default.
+// recompute and refresh of a lazy channel, the device logits head's kernels as CPU loops
+// instead of the CPU logits head) instead of the hand-written CPU passes, so that the CPU tests
+// exercise that code too. Off by default.
 bool device_generic_paths();  // the switch, or a reduce group (below) is set
 bool device_generic_switch();
 void set_device_generic_paths(bool on);

@@ -13,6 +13,7 @@
 #include <vector>
 
 #include "../common/math.h"
+#include "../core/cross_entropy.h"
 #include "fused_steps.h"
 #include "head.h"
 #include "program_passes.h"
@@ -106,6 +107,15 @@ class CpuBackend final : public Backend {
       const int64_t lo = *lo_it, hi = *hi_it;
       TORCH_CHECK(lo >= 0 && hi < s.x.size(0), "fused: ", what, " holds sample index ",
                   lo < 0 ? lo : hi, " outside the pool [0, ", s.x.size(0), ")");
+      if (device_generic_switch() && s.target.defined()) {
+        // as the CUDA backend does: its device head's loss kernel does not check the labels
+        const at::Tensor labels = s.target.contiguous();
+        const int64_t* y = labels.const_data_ptr<int64_t>();
+        for (int64_t i = 0; i < c.numel(); ++i) {
+          TORCH_CHECK(y[p[i]] >= 0 && y[p[i]] < s.classes,
+                      invalid_target_message(i % c.size(-1), y[p[i]], s.classes));
+        }
+      }
     }
   }
 
@@ -188,7 +198,10 @@ class CpuBackend final : public Backend {
   }
 
   std::unique_ptr<Head> head(const Sweep& s) const override {
-    return device_generic_paths() ? nullptr : make_cpu_head(s);
+    if (device_generic_paths()) {
+      return device_generic_switch() ? make_device_head_cpu(s, *this) : nullptr;
+    }
+    return make_cpu_head(s);
   }
 
   void set_weight(const Sweep& s, int64_t k, double value) const override {

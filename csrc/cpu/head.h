@@ -10,11 +10,14 @@
 namespace rso {
 namespace fused {
 
-// The head for the program of `s`, or null when the program has another shape: the swept
-// conv/linear layer, then BatchNorm (batch or fixed statistics), global average pooling, and
-// ReLU / Flatten once a channel is one number per sample, then at most one Linear giving the
-// logits (without it the chain's output are the logits). Defined in head_eligible.cpp.
+// The head for the program of `s`, or null when it is not a head program
+// (csrc/core/device_head.h: head_chain_end). Defined in head_eligible.cpp.
 std::unique_ptr<Head> make_cpu_head(const Sweep& s);
+
+// The device head (csrc/core/device_head.h) over CPU loops of its kernels' formulas, or null
+// as make_device_head: what the CPU backend takes under the device-generic test switch.
+// Defined in device_head_loops.cpp.
+std::unique_ptr<Head> make_device_head_cpu(const Sweep& s, const Backend& be);
 
 }  // namespace fused
 }  // namespace rso

@@ -4,10 +4,9 @@
 
 #include <cub/cub.cuh>
 
-#include <stdexcept>
-#include <string>
 
 #include "../common/math.h"
+#include "launch.cuh"
 
 namespace rso {
 namespace cuda {
@@ -16,14 +15,6 @@ namespace {
 constexpr int kCrossEntropyThreads = 256;
 constexpr int kTargetCheckThreads = 256;
 constexpr int kTargetCheckMaxBlocks = 1024;
-
-void throw_if_launch_failed(const char* kernel_name) {
-  const cudaError_t err = cudaGetLastError();
-  if (err != cudaSuccess) {
-    throw std::runtime_error(std::string("rso_ext: launching CUDA kernel ") +
-                             kernel_name + " failed: " + cudaGetErrorString(err));
-  }
-}
 
 // Stage 1: block (c, k) sums the per-sample cross-entropies of candidate k over samples
 // [c * kLossChunk, (c + 1) * kLossChunk) into partial[k * gridDim.x + c]. Thread t

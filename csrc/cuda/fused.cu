@@ -10,34 +10,15 @@
 
 #include <cub/cub.cuh>
 
-#include <stdexcept>
-#include <string>
 
 #include "../common/math.h"
+#include "launch.cuh"
 
 namespace rso {
 namespace cuda {
 namespace {
 
-constexpr int kElementwiseThreads = 256;
-constexpr int64_t kElementwiseMaxBlocks = 65536;  // grid-stride loops cover the rest
 constexpr int kLossThreads = 256;
-
-void throw_if_launch_failed(const char* kernel_name) {
-  const cudaError_t err = cudaGetLastError();
-  if (err != cudaSuccess) {
-    throw std::runtime_error(std::string("rso_ext: launching CUDA kernel ") + kernel_name +
-                             " failed: " + cudaGetErrorString(err));
-  }
-}
-
-int elementwise_blocks(int64_t total) {
-  int64_t blocks = (total + kElementwiseThreads - 1) / kElementwiseThreads;
-  if (blocks > kElementwiseMaxBlocks) {
-    blocks = kElementwiseMaxBlocks;
-  }
-  return static_cast<int>(blocks);
-}
 
 // Offset in x of the input that output element j of channel o reads through the swept
 // convolution tap (ky, kx) for sample n, or -1 where the tap falls into the zero padding.

@@ -15,9 +15,11 @@
 #include <torch/library.h>
 
 #include <limits>
+#include <memory>
 #include <vector>
 
 #include "../core/cross_entropy.h"
+#include "../core/device_head.h"
 #include "kernels.h"
 
 namespace rso {
@@ -66,6 +68,40 @@ void dispatch_float(at::ScalarType t, F&& f) {
     f(double{});
   }
 }
+
+// The device head's kernels (csrc/core/device_head.h) on the current stream.
+struct CudaHeadKernels {
+  template <typename T>
+  static void moments(const math::HeadGeom& g, const T* z, const T* x, const T* vals,
+                      const T* entry, const int64_t* idx, double* m, double* q) {
+    cuda::launch_head_moments(g, z, x, vals, entry, idx, m, q, at::cuda::getCurrentCUDAStream());
+  }
+
+  static void row_sums(const math::HeadGeom& g, const double* a, int64_t rows, double* out) {
+    const at::Tensor scratch =
+        at::empty({cuda::head_row_sums_scratch(rows, g.B)},
+                  at::TensorOptions().dtype(at::kDouble).device(at::kCUDA, c10::cuda::current_device()));
+    cuda::launch_head_row_sums(a, rows, g.B, out, scratch.mutable_data_ptr<double>(),
+                               at::cuda::getCurrentCUDAStream());
+  }
+
+  template <typename T>
+  static void batch_norm(const math::HeadGeom& g, const math::HeadBatchNorm<T>& bn, double* m,
+                         double* q) {
+    cuda::launch_head_batch_norm(g, bn, m, q, at::cuda::getCurrentCUDAStream());
+  }
+
+  static void one_number(const math::HeadGeom& g, bool relu, double* m, double* q) {
+    cuda::launch_head_one_number((g.C + g.K) * g.B, relu, m, q, at::cuda::getCurrentCUDAStream());
+  }
+
+  template <typename T>
+  static void losses(const math::HeadGeom& g, const T* w_out, const T* b_out, const double* m,
+                     const int64_t* target, const int64_t* idx, double* per) {
+    cuda::launch_head_losses(g, w_out, b_out, m, target, idx, per,
+                             at::cuda::getCurrentCUDAStream());
+  }
+};
 
 class CudaBackend final : public Backend {
  public:
@@ -192,6 +228,10 @@ class CudaBackend final : public Backend {
       }
     });
     return true;  // a stop is the device's to enforce (call.stopped)
+  }
+
+  std::unique_ptr<Head> head(const Sweep& s) const override {
+    return make_device_head<CudaHeadKernels>(s, *this);
   }
 
   void set_weight(const Sweep& s, int64_t k, double value) const override {

@@ -10,6 +10,8 @@
 
 #include <cstdint>
 
+#include "../common/head_math.h"
+
 namespace rso {
 namespace cuda {
 
@@ -106,6 +108,36 @@ void launch_choose_and_write(const double* losses, int64_t K, const double* vals
 // *delta = value - *entry; *entry = value (a single thread).
 void launch_set_entry(float* entry, float value, float* delta, cudaStream_t stream);
 void launch_set_entry(double* entry, double value, double* delta, cudaStream_t stream);
+
+// -- the device logits head (head.cu; glue in fused_backend.cpp, csrc/core/device_head.h) -----
+//
+// Each launcher runs one per-element formula of csrc/common/head_math.h over its elements:
+// head_row_moments over [C + K][B], head_batch_norm over [C + K][B], one_number_moments over
+// `total` (m, q of that many elements), head_sample_loss over [K][B].
+void launch_head_moments(const math::HeadGeom& g, const float* z, const float* x,
+                         const float* vals, const float* entry, const int64_t* idx, double* m,
+                         double* q, cudaStream_t stream);
+void launch_head_moments(const math::HeadGeom& g, const double* z, const double* x,
+                         const double* vals, const double* entry, const int64_t* idx,
+                         double* m, double* q, cudaStream_t stream);
+void launch_head_batch_norm(const math::HeadGeom& g, const math::HeadBatchNorm<float>& bn,
+                            double* m, double* q, cudaStream_t stream);
+void launch_head_batch_norm(const math::HeadGeom& g, const math::HeadBatchNorm<double>& bn,
+                            double* m, double* q, cudaStream_t stream);
+void launch_head_one_number(int64_t total, bool relu, double* m, double* q,
+                            cudaStream_t stream);
+void launch_head_losses(const math::HeadGeom& g, const float* w_out, const float* b_out,
+                        const double* m, const int64_t* target, const int64_t* idx,
+                        double* per, cudaStream_t stream);
+void launch_head_losses(const math::HeadGeom& g, const double* w_out, const double* b_out,
+                        const double* m, const int64_t* target, const int64_t* idx,
+                        double* per, cudaStream_t stream);
+
+// out[r] = sum of row r of a [rows][B], r < rows, in math::head_chunk_sum's order (the CPU
+// loops' too): `scratch` holds head_row_sums_scratch(rows, B) doubles on the device.
+int64_t head_row_sums_scratch(int64_t rows, int64_t B);
+void launch_head_row_sums(const double* a, int64_t rows, int64_t B, double* out,
+                          double* scratch, cudaStream_t stream);
 
 }  // namespace cuda
 }  // namespace rso
