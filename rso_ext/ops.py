@@ -126,7 +126,8 @@ def _switched(get: Callable[[], object], set_: Callable[[object], None],
 def device_generic_paths(on: bool = True) -> ContextManager[None]:
     """Test switch: within the block, CPU tensors take the device-generic code the CUDA backend
     runs (ATen passes, ``channel_candidates_aten``, the default recompute and refresh of a lazy
-    channel, no CPU logits head) instead of the hand-written CPU passes, so that CPU tests
+    channel, the device logits head's kernels as CPU loops instead of the CPU logits head)
+    instead of the hand-written CPU passes, so that CPU tests
     cover that code (docs/design.md §7). Not for training: it is slower, not more exact."""
     return _switched(_C._device_generic_paths, _C._set_device_generic_paths, bool(on))
 
