@@ -1,7 +1,9 @@
 // The per-element formulas of the device logits head (csrc/core/device_head.h): one function
 // per kernel body, each computing the elements of one index, so that the CUDA kernels
-// (csrc/cuda/head.cu) and the CPU loops that stand in for them (csrc/cpu/device_head.cpp,
-// under the device-generic test switch) run the same formulas. Free of torch headers (math.h).
+// (csrc/cuda/head.cu) and the CPU loops that stand in for them (csrc/cpu/device_head_loops.cpp,
+// under the device-generic test switch) run the same formulas in the same order. Their last bits
+// may still differ: nvcc contracts multiply-adds into FMAs and the device's exp/log are not
+// glibc's. Free of torch headers (math.h).
 //
 // A head program: the swept conv/linear layer, then channel-local ops (BatchNorm, global
 // average pooling, ReLU / Flatten once a channel is one number per sample), then at most one

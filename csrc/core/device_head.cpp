@@ -7,6 +7,15 @@
 
 namespace rso {
 namespace fused {
+namespace {
+
+// A contiguous tensor of n entries of the parameter's dtype: what the head's loops index per
+// channel or class with raw pointers of that type.
+bool per_channel(const at::Tensor& t, int64_t n, const Sweep& s) {
+  return t.is_contiguous() && t.numel() == n && t.scalar_type() == s.param.scalar_type();
+}
+
+}  // namespace
 
 int64_t head_chain_end(const Sweep& s) {
   const std::vector<Op>& ops = s.prog.ops;
@@ -26,7 +35,7 @@ int64_t head_chain_end(const Sweep& s) {
     switch (op.kind) {
       case OpKind::BatchNorm:
         for (int j = 0; j < 4; ++j) {
-          if (op.t[j].defined() && !op.t[j].is_contiguous()) {
+          if (op.t[j].defined() && !per_channel(op.t[j], s.cout, s)) {
             return -1;
           }
         }
@@ -48,8 +57,10 @@ int64_t head_chain_end(const Sweep& s) {
     return -1;
   }
   const Op* out = s.prog.next >= 0 ? &ops[s.prog.next] : nullptr;
-  if (out != nullptr && (!out->t[0].is_contiguous() || out->t[0].size(1) != s.cout ||
-                         (out->t[1].defined() && !out->t[1].is_contiguous()))) {
+  if (out != nullptr &&
+      (!out->t[0].is_contiguous() || out->t[0].dim() != 2 || out->t[0].size(1) != s.cout ||
+       out->t[0].size(0) != s.classes || out->t[0].scalar_type() != s.param.scalar_type() ||
+       (out->t[1].defined() && !per_channel(out->t[1], s.classes, s)))) {
     return -1;
   }
   if (out == nullptr && s.classes != s.cout) {

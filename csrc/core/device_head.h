@@ -1,7 +1,7 @@
 // The device logits head: the shorter evaluation of a head program (head_chain_end) in a few
 // kernels per weight, with no ATen call between them, for the CUDA backend
 // (csrc/cuda/fused_backend.cpp) and, under the device-generic test switch, for CPU tensors
-// (csrc/cpu/device_head.cpp), so that the CPU tests run its orchestration and formulas.
+// (csrc/cpu/device_head_loops.cpp), so that the CPU tests run its orchestration and formulas.
 //
 // Per weight: the moments of the C current channels and of the K candidates' channel o over
 // the minibatch (math::head_row_moments), the chain's ops on them (BatchNorm with per-row
@@ -40,7 +40,8 @@ namespace fused {
 // op count when the chain's outputs are the logits), or -1 when `s` is not one: the swept
 // conv/linear layer, then BatchNorm (batch or fixed statistics), global average pooling, and
 // ReLU / Flatten once a channel is one number per sample, then at most one Linear giving the
-// logits; contiguous tensors, a target and 2+ classes. Defined in device_head.cpp.
+// logits; contiguous tensors of the parameter's dtype and sizes, a target and 2+ classes.
+// Defined in device_head.cpp.
 int64_t head_chain_end(const Sweep& s);
 
 template <typename T, typename Kernels>
