@@ -24,9 +24,8 @@ int64_t head_chain_end(const Sweep& s) {
   if (s.prog.next >= 0 && (s.prog.next != n_ops - 1 || ops[s.prog.next].kind != OpKind::Linear)) {
     return -1;
   }
-  const Op& layer = ops[0];
-  if (!layer.t[0].is_contiguous() || (layer.t[1].defined() && !layer.t[1].is_contiguous()) ||
-      !s.target.defined() || !s.target.is_contiguous() || s.classes < 2) {
+  if (!layer_contiguous(s) || !s.target.defined() || !s.target.is_contiguous() ||
+      s.classes < 2) {
     return -1;
   }
   int64_t spatial = s.ho * s.wo;

@@ -48,6 +48,13 @@ struct Site {
 
 Site site_of(const Sweep& s, int64_t k);
 
+// Whether the swept layer's weight and bias are contiguous (the hand loops and the logits
+// heads index them).
+inline bool layer_contiguous(const Sweep& s) {
+  const Op& layer = s.prog.ops[0];
+  return layer.t[0].is_contiguous() && (!layer.t[1].defined() || layer.t[1].is_contiguous());
+}
+
 // Whether a weight sweep of `s` with minibatches of B samples should recompute channel o of
 // the swept layer per minibatch and refresh it over the pool once neuron o is done, rather
 // than update it over the pool with every move. The generic sweep does so for conv layers;

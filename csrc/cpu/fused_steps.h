@@ -12,12 +12,6 @@
 namespace rso {
 namespace fused {
 
-// Whether the swept layer's weight and bias are contiguous (the hand loops index them).
-inline bool layer_contiguous(const Sweep& s) {
-  const Op& layer = s.prog.ops[0];
-  return layer.t[0].is_contiguous() && (!layer.t[1].defined() || layer.t[1].is_contiguous());
-}
-
 // Channel o of the conv layer for pool samples rows[0..n) (all of them when rows is null)
 // into out + i * out_stride.
 template <typename T>

@@ -4,7 +4,6 @@
 
 #include <cub/cub.cuh>
 
-
 #include "../common/math.h"
 #include "launch.cuh"
 

@@ -10,7 +10,6 @@
 
 #include <cub/cub.cuh>
 
-
 #include "../common/math.h"
 #include "launch.cuh"
 
